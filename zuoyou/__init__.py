@@ -1,0 +1,1 @@
+"""zuoyou: Janus-Pro-style unified multimodal models on ordinary computers."""

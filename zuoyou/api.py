@@ -1,0 +1,134 @@
+"""The Python API: ``pipe = zuoyou.load(...)``, then ``pipe.generate``, ``pipe.ask``, ``pipe.chat``.
+
+A model folder may carry ``generation_defaults.json`` (e.g. ``{"cfg": 2.0, "temperature": 0.8}``);
+those values are used whenever the caller passes none. Absent keys fall back to the official
+Janus-Pro defaults (CFG 5, temperature 1 for images; greedy text, the default system prompt).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+from .engine import Engine, ImageRequest, TextRequest
+from .errors import CheckpointError, ConfigError, InputError
+from .loading import load_model, resolve_device, resolve_dtype, resolve_folder
+from .processor import Message, Processor
+
+BUNDLED = Path(__file__).parent / "assets" / "shapes"
+
+
+@dataclass
+class GenerationDefaults:
+    cfg: float = 5.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    text_temperature: float = 0.0
+    max_new_tokens: int = 512
+    system_prompt: str | None = None  # None = the official default system prompt
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "GenerationDefaults":
+        path = folder / "generation_defaults.json"
+        if not path.is_file():
+            return cls()
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+class Pipeline:
+    def __init__(self, engine: Engine, defaults: GenerationDefaults, folder: Path):
+        self.engine, self.defaults, self.folder = engine, defaults, folder
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    # ---------------------------------------------------------------------- text -> image
+    def image_request(self, prompt: str, n: int = 1, cfg=None, temperature=None, top_k=None, top_p=None,
+                      seed=None) -> ImageRequest:
+        d = self.defaults
+        return ImageRequest(prompt, n, _pick(cfg, d.cfg), _pick(temperature, d.temperature),
+                            _pick(top_k, d.top_k), _pick(top_p, d.top_p), seed)
+
+    def generate(self, prompt: str, n: int = 1, cfg: float | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 progress: bool = False, preview=None, preview_every: int = 0):
+        """Draw ``n`` images for ``prompt`` -> list of PIL images. ``temperature=0`` is argmax."""
+        req = self.image_request(prompt, n, cfg, temperature, top_k, top_p, seed)
+        return self.engine.generate_images([req], progress=progress, preview=preview, preview_every=preview_every)[0]
+
+    # ---------------------------------------------------------------------- understanding
+    def text_request(self, messages, max_new_tokens=None, temperature=None, top_k=None, top_p=None,
+                     seed=None) -> TextRequest:
+        d = self.defaults
+        return TextRequest(to_messages(messages), _pick(max_new_tokens, d.max_new_tokens),
+                           _pick(temperature, d.text_temperature), top_k, top_p, seed, d.system_prompt)
+
+    def chat(self, messages, **kw) -> str:
+        """Multi-turn: ``[{"role": "user", "content": "...", "images": [img, ...]}, {"role": "assistant", ...}, ...]``."""
+        return self.engine.generate_text([self.text_request(messages, **kw)])[0]
+
+    def chat_stream(self, messages, **kw) -> Iterator[str]:
+        return self.engine.stream_text(self.text_request(messages, **kw))
+
+    def ask(self, image_or_images, question: str, **kw) -> str:
+        """Answer ``question`` about one image or a list of images (paths, bytes or PIL)."""
+        return self.chat(_question(image_or_images, question), **kw)
+
+    def ask_stream(self, image_or_images, question: str, **kw) -> Iterator[str]:
+        return self.chat_stream(_question(image_or_images, question), **kw)
+
+
+def _question(images, question):
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("the question is empty")
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    return [{"role": "user", "content": question, "images": images}]
+
+
+def to_messages(messages) -> list[Message]:
+    if not messages:
+        raise InputError("no messages")
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            out.append(m)
+            continue
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content", ""), str):
+            raise InputError(f"message {i}: expected {{'role': 'user'|'assistant', 'content': str, 'images': [...]}}")
+        out.append(Message(m["role"], m.get("content", ""), list(m.get("images") or [])))
+    if out[-1].role != "user":
+        raise InputError("the last message must be the user's")
+    return out
+
+
+def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=None) -> Pipeline:
+    """Load a checkpoint folder or hub id (None: the bundled ShapesWorld model) into a ``Pipeline``."""
+    if name_or_path is None:
+        if not (BUNDLED / "config.json").is_file():
+            raise CheckpointError("this install has no bundled model; pass a checkpoint folder or hub id")
+        name_or_path = BUNDLED
+    folder = resolve_folder(name_or_path)
+    dev = resolve_device(device)
+    model, config = load_model(folder, dev, resolve_dtype(dtype))
+    dtype_used = next(model.parameters()).dtype
+    defaults = GenerationDefaults.from_folder(folder)
+    processor = Processor.from_folder(folder, config.vision.num_patches, config.vision.image_size,
+                                      defaults.system_prompt)
+    n_tok = processor.tokenizer.get_vocab_size(with_added_tokens=True)
+    if n_tok > config.lm.vocab_size:
+        raise CheckpointError(f"{folder}: tokenizer has {n_tok} tokens but the model embeds only {config.lm.vocab_size}")
+    return Pipeline(Engine(model, processor, dev, dtype_used), defaults, folder)
+

@@ -1,0 +1,245 @@
+"""The one place where Janus generates: text -> image and (image, text) -> text.
+
+The CLI, the Python API, the server and the evaluations all call these two loops. Speed lives
+here, around a plain model (gpt-fast style): a preallocated static KV cache written at
+``input_pos``, a precomputed boolean mask sliced per step, CFG as the two halves of one batch,
+the prompt prefilled once per request and the cache expanded to its ``n`` images.
+
+Several requests can share one decode batch (the server merges concurrent calls): prompts of
+different lengths are left-padded, padding keys masked, and RoPE positions shifted per row, so a
+request's result does not depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import InputError
+from .models.janus import Janus
+from .processor import Message, Processor, to_pil
+from .sampling import check_sampling, make_generator, sample
+
+
+@dataclass
+class ImageRequest:
+    prompt: str
+    n: int = 1
+    cfg: float = 5.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class TextRequest:
+    messages: list[Message]
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    system: str | None = None
+
+
+@dataclass
+class _Batch:
+    """Left-padded prompt rows with their attention mask and RoPE positions."""
+
+    ids: torch.Tensor  # (B, L)
+    valid: torch.Tensor  # (B, L) bool, False on left padding
+    positions: torch.Tensor  # (B, L) RoPE positions, 0 at each row's first real token
+    image_mask: torch.Tensor | None = None  # (B, L) bool, understanding image slots
+    pixels: torch.Tensor | None = None  # (N, 3, S, S)
+
+
+class Engine:
+    def __init__(self, model: Janus, processor: Processor, device: torch.device, dtype: torch.dtype,
+                 context: int | None = None):
+        self.model, self.processor, self.device, self.dtype = model, processor, device, dtype
+        self.config = model.config
+        self.context = context or self.config.lm.max_position_embeddings
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _pad(self, rows: list[list[int]]) -> _Batch:
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.processor.pad, dtype=torch.long)
+        valid = torch.zeros(len(rows), L, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, L - len(r):] = torch.tensor(r)
+            valid[i, L - len(r):] = True
+        positions = (valid.cumsum(1) - 1).clamp(min=0)
+        return _Batch(ids.to(self.device), valid.to(self.device), positions.to(self.device))
+
+    def _mask(self, valid: torch.Tensor, S: int) -> torch.Tensor:
+        """(B, 1, S, S) bool: query slot q may see key slot k iff k <= q and k is not padding."""
+        B, L = valid.shape
+        keys = torch.ones(B, S, dtype=torch.bool, device=self.device)
+        keys[:, :L] = valid
+        causal = torch.ones(S, S, dtype=torch.bool, device=self.device).tril()
+        mask = causal[None] & keys[:, None, :]  # (B, S, S)
+        # a padded query row would see no key at all (NaN softmax): let it see itself
+        mask |= torch.eye(S, dtype=torch.bool, device=self.device)[None]
+        return mask[:, None]
+
+    def _prefill(self, x: torch.Tensor, batch: _Batch, S: int, mask: torch.Tensor) -> torch.Tensor:
+        lm = self.model.language_model
+        lm.setup_cache(x.shape[0], S, dtype=self.dtype, device=self.device)
+        L = x.shape[1]
+        input_pos = torch.arange(L, device=self.device)
+        return self.model.hidden(x, input_pos, mask[:, :, :L], batch.positions)  # (B, L, D)
+
+    def _expand_cache(self, index: torch.Tensor) -> None:
+        """Replace every layer's cache rows by ``rows[index]`` (prefill once, decode n times)."""
+        for cache in self.model.language_model.caches():
+            cache.k, cache.v = cache.k.index_select(0, index), cache.v.index_select(0, index)
+
+    # ----------------------------------------------------------------------------------- text -> image
+    @torch.inference_mode()
+    def generate_images(self, requests: list[ImageRequest], progress: bool = False,
+                        preview: Callable[[int, list], None] | None = None, preview_every: int = 0):
+        """Returns one list of PIL images per request.
+
+        ``preview(rows_done, images)`` is called every ``preview_every`` code rows with the images
+        decoded so far (rows not yet drawn are grey), for progressive display.
+        """
+        vq = self.config.vq
+        T, P = vq.num_tokens, len(requests)
+        prompts = []
+        for r in requests:
+            self._check_image_request(r)
+            prompts.append(self.processor.generation_ids(r.prompt))
+        if max(len(p) for p in prompts) + T > self.context:
+            raise InputError(f"prompt too long: {max(len(p) for p in prompts)} tokens + {T} image tokens "
+                             f"exceed the model context of {self.context}")
+        # unique rows: P conditional then P unconditional prompts
+        batch = self._pad(prompts + [self.processor.uncond_ids(p) for p in prompts])
+        L = batch.ids.shape[1]
+        S = L + T
+        mask = self._mask(batch.valid, S)
+        h = self._prefill(self.model.embed_text(batch.ids).to(self.dtype), batch, S, mask)
+
+        # expand: request i's cond row -> n_i rows (first half), its uncond row -> n_i rows (second half)
+        owner = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n)], device=self.device)
+        index = torch.cat([owner, owner + P])
+        self._expand_cache(index)
+        mask, h = mask.index_select(0, index), h[:, -1].index_select(0, index)  # (2R, D)
+        row_pos = batch.positions[:, -1].index_select(0, index)[:, None]  # (2R, 1) last prompt position
+        R = owner.numel()
+        cfg = torch.tensor([r.cfg for r in requests for _ in range(r.n)], device=self.device)[:, None]
+        gens = [make_generator(r.seed, self.device) for r in requests]
+        groups, start = [], 0
+        for r in requests:
+            groups.append(slice(start, start + r.n))
+            start += r.n
+        codes = torch.zeros(R, T, dtype=torch.long, device=self.device)
+        steps = range(T)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="drawing", unit="tok", leave=False)
+        for i in steps:
+            logits = self.model.image_logits(h).float()  # (2R, K)
+            logits = logits[R:] + cfg * (logits[:R] - logits[R:])  # CFG
+            for r, g, sl in zip(requests, gens, groups):
+                codes[sl, i] = sample(logits[sl], r.temperature, r.top_k, r.top_p, g)
+            if i == T - 1:
+                break
+            nxt = codes[:, i].repeat(2)  # same code for the cond and uncond halves
+            x = self.model.embed_image_codes(nxt)[:, None].to(self.dtype)  # (2R, 1, D)
+            pos = torch.tensor([L + i], device=self.device)
+            h = self.model.hidden(x, pos, mask[:, :, L + i: L + i + 1], row_pos + 1 + i)[:, -1]
+            if preview and preview_every and (i + 1) % (vq.grid * preview_every) == 0:
+                preview((i + 1) // vq.grid, self._decode(codes, upto=i + 1))
+        self.model.language_model.clear_cache()
+        images = self._decode(codes)
+        return [images[sl] for sl in groups]
+
+    def _decode(self, codes: torch.Tensor, upto: int | None = None):
+        if upto is not None:  # fill undrawn rows with the code that decodes closest to grey
+            codes = codes.clone()
+            codes[:, upto:] = codes[:, :1]
+        return to_pil(self.model.decode_images(codes, chunk=4))
+
+    def _check_image_request(self, r: ImageRequest):
+        if not isinstance(r.prompt, str) or not r.prompt.strip():
+            raise InputError("the prompt is empty")
+        if not isinstance(r.n, int) or r.n < 1:
+            raise InputError(f"n={r.n}: must be an integer >= 1")
+        if r.cfg is None or r.cfg < 0:
+            raise InputError(f"cfg={r.cfg}: must be >= 0")
+        check_sampling(r.temperature, r.top_k, r.top_p)
+
+    # ----------------------------------------------------------------------------------- understanding
+    @torch.inference_mode()
+    def stream_tokens(self, requests: list[TextRequest]) -> Iterator[list[int | None]]:
+        """Yields, per decode step, one new token id per request (None once it has stopped)."""
+        rows, pixels = [], []
+        for r in requests:
+            check_sampling(r.temperature, r.top_k, r.top_p)
+            if r.max_new_tokens is None or r.max_new_tokens < 1:
+                raise InputError(f"max_new_tokens={r.max_new_tokens}: must be >= 1")
+            ids, px = self.processor.understanding_inputs(r.messages, r.system)
+            if len(ids) >= self.context:
+                raise InputError(f"prompt too long: {len(ids)} tokens for a context of {self.context}")
+            rows.append(ids)
+            pixels.append(px)
+        batch = self._pad(rows)
+        B, L = batch.ids.shape
+        new = [min(r.max_new_tokens, self.context - len(ids)) for r, ids in zip(requests, rows)]
+        S = L + max(new)
+        image_mask = batch.ids == self.processor.image_id
+        image_mask &= batch.valid
+        px = torch.cat(pixels).to(self.device, self.dtype)
+        x = self.model.prepare_inputs_embeds(batch.ids, px, image_mask).to(self.dtype)
+        mask = self._mask(batch.valid, S)
+        h = self._prefill(x, batch, S, mask)[:, -1]  # (B, D)
+        gens = [make_generator(r.seed, self.device) for r in requests]
+        done = [False] * B
+        row_pos = batch.positions[:, -1:]
+        try:
+            for i in range(max(new)):
+                logits = self.model.text_logits(h).float()  # (B, V)
+                toks = [int(sample(logits[b:b + 1], r.temperature, r.top_k, r.top_p, g)) for b, (r, g)
+                        in enumerate(zip(requests, gens))]
+                out = []
+                for b, t in enumerate(toks):
+                    if done[b]:
+                        out.append(None)
+                        continue
+                    if t == self.processor.eos or i + 1 >= new[b]:
+                        done[b] = True
+                    out.append(None if t == self.processor.eos else t)
+                yield out
+                if all(done):
+                    break
+                x = self.model.embed_text(torch.tensor(toks, device=self.device)[:, None]).to(self.dtype)
+                pos = torch.tensor([L + i], device=self.device)
+                h = self.model.hidden(x, pos, mask[:, :, L + i: L + i + 1], row_pos + 1 + i)[:, -1]
+        finally:
+            self.model.language_model.clear_cache()
+
+    def generate_text(self, requests: list[TextRequest]) -> list[str]:
+        outs: list[list[int]] = [[] for _ in requests]
+        for step in self.stream_tokens(requests):
+            for b, t in enumerate(step):
+                if t is not None:
+                    outs[b].append(t)
+        return [self.processor.decode(o) for o in outs]
+
+    def stream_text(self, request: TextRequest) -> Iterator[str]:
+        """Text pieces of one answer as they are decoded (byte-level merges handled)."""
+        ids, sent = [], ""
+        for step in self.stream_tokens([request]):
+            if step[0] is None:
+                continue
+            ids.append(step[0])
+            text = self.processor.decode(ids)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            if len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text

@@ -1,0 +1,180 @@
+"""Load a checkpoint folder (or a hub id) into a ``Janus`` model, strictly, without copying weights twice.
+
+Accepted layouts: ``model.safetensors``, sharded ``model-*.safetensors`` with
+``model.safetensors.index.json``, ``pytorch_model.bin`` or sharded ``.bin`` with its index
+(pickles are read with ``weights_only=True``). Keys may be in the official layout or in the
+transformers-converted one (``JanusForConditionalGeneration``); the latter is mapped back by
+``zuoyou.convert``. The model is built on the meta device and the tensors assigned, so peak
+memory is one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import JanusConfig
+from .errors import CheckpointError, ConfigError
+from .models.janus import Janus, build
+
+IGNORED_SUFFIXES = ("quantize.codebook_used",)
+IGNORED_PARTS = (".attn_pool.",)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConfigError(f"dtype {dtype!r}: use one of fp32, bf16, fp16") from None
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        if hasattr(torch, "npu") and torch.npu.is_available():  # present once torch_npu is imported
+            return torch.device("npu")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r}: use auto, cpu, cuda, cuda:N, mps or npu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {device!r}: MPS is not available on this machine")
+    return dev
+
+
+def resolve_folder(name_or_path: str | os.PathLike) -> Path:
+    """A local checkpoint folder, or a hub id downloaded through ``huggingface_hub``."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p} is a file: pass the checkpoint folder that holds config.json")
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise CheckpointError(f"{name}: no such folder (and not a hub id like 'deepseek-ai/Janus-Pro-1B')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, auth...: one line, with the way out
+        raise CheckpointError(
+            f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}); "
+            "if this machine is offline, pass a local checkpoint folder instead"
+        ) from None
+
+
+def read_config(folder: Path) -> tuple[JanusConfig, bool]:
+    """(config, is_hf_layout). The transformers port writes ``model_type: "janus"``."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no config.json)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if d.get("model_type") == "janus":
+        from .convert import hf_config_to_official
+
+        return JanusConfig.from_dict(hf_config_to_official(d)), True
+    if d.get("model_type") not in (None, "multi_modality"):
+        raise ConfigError(f"{path}: model_type {d.get('model_type')!r} is not a Janus model")
+    return JanusConfig.from_dict(d), False
+
+
+def weight_files(folder: Path) -> list[Path]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{folder / index}: malformed index ({e})") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{folder}: shards listed in {index} are missing: {', '.join(missing)}")
+            return [folder / s for s in shards]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return [folder / single]
+    raise CheckpointError(f"{folder}: no weights (model.safetensors, pytorch_model.bin or a sharded index)")
+
+
+def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                sd.update(load_file(str(f)))
+            else:
+                sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot read weights ({str(e).splitlines()[0]})") from None
+    return sd
+
+
+def check_and_fix(model: Janus, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strict match against the model; unused official tensors dropped; tied lm_head filled."""
+    sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_SUFFIXES) and not any(p in k for p in IGNORED_PARTS)}
+    expected = model.state_dict()
+    if model.config.lm.tie_word_embeddings and "language_model.lm_head.weight" not in sd:
+        sd["language_model.lm_head.weight"] = sd.get("language_model.model.embed_tokens.weight")
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items()
+              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if keys:
+            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+            problems.append(f"{len(keys)} {what}: {', '.join(keys[:5])}{more}")
+    if problems:
+        raise CheckpointError("weights do not match config.json: " + "; ".join(problems))
+    return sd
+
+
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype | None = None) -> tuple[Janus, JanusConfig]:
+    config, hf_layout = read_config(folder)
+    sd = read_state_dict(weight_files(folder))
+    if hf_layout:
+        from .convert import hf_to_official
+
+        sd = hf_to_official(sd)
+    model = build(config, "meta")
+    sd = check_and_fix(model, sd)
+    dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
+    # The tied lm_head shares embed_tokens' tensor: assign keeps the sharing.
+    sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    if config.lm.tie_word_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False), config
+
+
+def save_model(model: Janus, folder: Path) -> None:
+    """Write config.json + model.safetensors atomically (tmp file, then rename)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.lm.tie_word_embeddings:
+        sd.pop("language_model.lm_head.weight", None)
+    tmp = folder / "model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    model.config.save(folder / "config.json")
