@@ -10,25 +10,26 @@ Pipeline (numpy only, ~1 ms per image):
    nearer to cyan than to blue, but it lies on the white -> blue segment).
 2. **Blobs.**  4-connected components per colour, labelled on horizontal runs with a
    small union-find.  Blobs under ``MIN_AREA`` pixels are ignored.
-3. **Clean-up.**  A spur of one or two 1-pixel rows/columns sticking out of a blob
-   (a stray pixel of the same colour touching it) is trimmed from its bounding box.
-4. **Shape.**  The blob mask is compared (IoU) with the four shape templates drawn at
-   the blob's own bounding-box width and height (:func:`world.shape_mask`); the best
-   wins.  On a rendered object the right template matches with IoU 1.
-5. **Size and position.**  Side = longer bbox side: small when ``<= SMALL_MAX`` (14),
+3. **Shape.**  The blob mask is compared with the four shape templates drawn at the
+   blob's own bounding-box width and height (:func:`world.shape_mask`).  An exact
+   match wins (so rendered objects parse exactly); otherwise the template under which
+   the mask is most likely, given a simple per-pixel noise model (ragged edges, some
+   spill, rare strays), wins.
+4. **Size and position.**  Side = longer bbox side: small when ``<= SMALL_MAX`` (14),
    else large.  Centre = bbox centre, the renderer's convention.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
 from .world import CANVAS, COLORS, SHAPES, Obj, shape_mask
 
-MIN_AREA = 20       # blobs with fewer pixels are noise
+MIN_AREA = 12       # blobs with fewer pixels are noise
 SMALL_MAX = 14      # longest bbox side <= this -> "small"
-_SPUR_MAX = 2       # at most this many thin rows/columns are trimmed per side
 _COLOR_NAMES = tuple(COLORS)
 _DIR = np.array([COLORS[c] for c in _COLOR_NAMES], np.float32) - 255.0   # (6, 3)
 _DIR_N2 = (_DIR ** 2).sum(1)
@@ -109,47 +110,50 @@ def _blobs(cls: np.ndarray):
         yield vals[root], runs
 
 
-def _trim(mask: np.ndarray):
-    """Trim thin spurs (<= 2 rows/cols holding <= 1 pixel next to a >= 4-pixel row).
+# Shape likelihood model for a blob given a template (per pixel, independent):
+# template interior pixels are present (missing: P_STRAY), template boundary pixels
+# are missing with probability P_RAGGED, background pixels next to the template are
+# present with probability P_NEAR, farther ones with P_STRAY.
+P_RAGGED, P_NEAR, P_STRAY = 0.3, 0.1, 0.02
 
-    Returns ``(mask, top, left)``: the trimmed mask and the offsets removed.
+
+@lru_cache(maxsize=256)
+def _templates(w: int, h: int):
+    """Stacked templates (4, h*w) bool, and the log-likelihood terms for (w, h).
+
+    ``loglik(mask) = base + gain @ mask`` (one row per shape, order of ``SHAPES``).
     """
-    top = left = 0
-    for axis in (0, 1):
-        for side in (0, 1):
-            counts = mask.sum(axis=1 - axis)
-            if side:
-                counts = counts[::-1]
-            k = 0
-            while k < min(_SPUR_MAX, len(counts) - 1) and counts[k] <= 1:
-                k += 1
-            if k and counts[k] >= 4:
-                size = mask.shape[axis]
-                sl = slice(k, size) if side == 0 else slice(0, size - k)
-                mask = mask[sl] if axis == 0 else mask[:, sl]
-                if side == 0:
-                    if axis == 0:
-                        top += k
-                    else:
-                        left += k
-    # drop rows/columns left empty by the trimming
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    mask = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    return mask, top + int(rows[0]), left + int(cols[0])
+    tpl = np.stack([shape_mask(s, w, h) for s in SHAPES])
+    p = np.pad(tpl, ((0, 0), (1, 1), (1, 1)))
+    nb_all = p[:, :-2, 1:-1] & p[:, 2:, 1:-1] & p[:, 1:-1, :-2] & p[:, 1:-1, 2:]
+    nb_any = p[:, :-2, 1:-1] | p[:, 2:, 1:-1] | p[:, 1:-1, :-2] | p[:, 1:-1, 2:]
+    inner, edge = tpl & nb_all, tpl & ~nb_all
+    near = ~tpl & nb_any
+    far = ~tpl & ~nb_any
+    lg = np.log
+    present = (inner * 0.0 + edge * lg(1 - P_RAGGED) + near * lg(P_NEAR)
+               + far * lg(P_STRAY))
+    absent = (inner * lg(P_STRAY) + edge * lg(P_RAGGED) + near * lg(1 - P_NEAR)
+              + far * lg(1 - P_STRAY))
+    n = len(SHAPES)
+    return (tpl.reshape(n, -1), absent.reshape(n, -1).sum(1),
+            (present - absent).reshape(n, -1).astype(np.float32))
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str, float]:
-    """Best-matching shape for a blob mask cropped to its bbox, and its IoU."""
+def classify_shape(mask: np.ndarray) -> str:
+    """Shape of a blob mask cropped to its bbox.
+
+    An exact template match wins outright (so rendered objects parse exactly);
+    otherwise the template with the highest log-likelihood under the noise model
+    above (ragged edges, a little spill, rare strays) wins.
+    """
     h, w = mask.shape
-    area = mask.sum()
-    best, best_iou = SHAPES[0], -1.0
-    for shape in SHAPES:
-        t = shape_mask(shape, w, h)
-        inter = np.count_nonzero(mask & t)
-        iou = inter / (area + np.count_nonzero(t) - inter)
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    return best, float(best_iou)
+    tpl, base, gain = _templates(w, h)
+    flat = mask.ravel()
+    exact = np.flatnonzero((tpl == flat).all(1))
+    if len(exact):
+        return SHAPES[exact[0]]
+    return SHAPES[int(np.argmax(base + gain @ flat))]
 
 
 def _half(v: float):
@@ -176,15 +180,11 @@ def parse_image(img, min_area: int = MIN_AREA) -> list[Obj]:
         mask = np.zeros((r1 - r0 + 1, x1 - x0), bool)
         for r, c0, c1 in runs:
             mask[r - r0, c0 - x0:c1 - x0] = True
-        mask, dt, dl = _trim(mask)
-        if mask.sum() < min_area:
-            continue
         h, w = mask.shape
         side = max(w, h)
-        shape, _ = classify_shape(mask)
-        left, top = x0 + dl, r0 + dt
+        shape = classify_shape(mask)
         out.append(Obj(shape=shape, color=_COLOR_NAMES[val - 1],
                        size="small" if side <= SMALL_MAX else "large", s=side,
-                       x0=_half(left + (w - side) / 2), y0=_half(top + (h - side) / 2)))
+                       x0=_half(x0 + (w - side) / 2), y0=_half(r0 + (h - side) / 2)))
     out.sort(key=lambda o: (o.cx, o.cy))
     return out

@@ -88,7 +88,7 @@ class Scene:
 
 
 # --------------------------------------------------------------------------- masks
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1024)
 def shape_mask(shape: str, w: int, h: int | None = None) -> np.ndarray:
     """Boolean (h, w) mask of ``shape`` filling a w x h box (read-only, cached).
 
@@ -153,7 +153,8 @@ def sample_scene(rng: random.Random, n: int | None = None, shapes=None, colors=N
                  sizes=None, max_tries: int = 1000) -> Scene:
     """Sample a valid random scene.
 
-    ``n`` objects (uniform in 1..4 when None).  ``shapes``, ``colors`` and ``sizes`` are
+    ``n`` objects (when None: the length of the given attribute lists, else uniform in
+    1..4).  ``shapes``, ``colors`` and ``sizes`` are
     optional per-object lists of length ``n`` fixing attributes (``None`` entries stay
     random).  Attributes are drawn first, then positions are rejection-sampled
     (restarting the placement after a dead end) within ``max_tries`` attempts in all;

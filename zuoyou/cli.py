@@ -1,0 +1,176 @@
+"""The ``zuoyou`` command line: generate, ask, train, eval, demo, serve.
+
+Answers go to stdout alone; progress bars and logs go to stderr. A user error (bad image, bad
+parameter, wrong folder) prints one line ``zuoyou: error: ...`` and exits with status 2; pass
+``--debug`` for the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import ZuoyouError
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled ShapesWorld model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps or npu (default: auto)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
+
+
+def _load(args):
+    from .api import load
+
+    log(f"loading {args.model or 'the bundled ShapesWorld model'} ...")
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_generate(args) -> None:
+    pipe = _load(args)
+    images = pipe.generate(args.prompt, n=args.n, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, progress=True)
+    out = Path(args.output)
+    if args.n == 1 and out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        images[0].save(out)
+        paths = [out]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"{i:04d}.png" for i in range(len(images))]
+        for img, p in zip(images, paths):
+            img.save(p)
+    for p in paths:
+        print(p)
+
+
+def cmd_ask(args) -> None:
+    pipe = _load(args)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              seed=args.seed)
+    for piece in pipe.ask_stream(args.image, args.question, **kw):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_train_shapes(args) -> None:
+    from .train.shapes import run
+
+    report = run(Path(args.out), minutes=args.minutes, vq_minutes=args.vq_minutes, seed=args.seed,
+                 resume=not args.fresh, log=log)
+    log(f"done: model in {Path(args.out) / 'model'}; report {Path(args.out) / 'report.json'}")
+    if "defaults" in report:
+        log(f"generation defaults: {report['defaults']}")
+
+
+def cmd_eval(args) -> None:
+    import json
+
+    from .evals import shapes as ev
+
+    pipe = _load(args)
+    out = Path(args.out) if args.out else None
+    if args.task == "shapes-geneval":
+        r = ev.geneval(pipe, per_category=args.prompts, images=args.images, cfg=args.cfg, temperature=args.temperature,
+                       out_dir=out, log=log)
+        scores = {**r["categories"], "overall": r["overall"]}
+    else:
+        r = ev.vqa(pipe, n=args.questions, out_dir=out, log=log)
+        scores = {**r["accuracy"], "overall": r["overall"]}
+    print(json.dumps({k: round(v, 4) for k, v in scores.items()}, indent=2))
+
+
+def cmd_demo(args) -> None:
+    from .demo import make_demo
+
+    index = make_demo(_load(args), Path(args.out), log=log)
+    print(index)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zuoyou", description="Janus-Pro-style models: understand and draw images.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="draw images from a text prompt")
+    g.add_argument("prompt")
+    _model_args(g)
+    g.add_argument("-n", type=int, default=1, help="number of images (default 1)")
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight (default: the model's)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = argmax (default: the model's)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("-o", "--output", required=True, help="a .png/.jpg file when n=1, else a folder (0000.png, ...)")
+    g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("ask", help="answer a question about one or more images")
+    a.add_argument("question")
+    a.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
+    _model_args(a)
+    a.add_argument("--max-new-tokens", type=int, default=None)
+    a.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    a.add_argument("--top-k", type=int, default=None)
+    a.add_argument("--top-p", type=float, default=None)
+    a.add_argument("--seed", type=int, default=None)
+    a.set_defaults(func=cmd_ask)
+
+    t = sub.add_parser("train", help="train a model")
+    tsub = t.add_subparsers(dest="what", required=True)
+    ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero (tokenizer, VQ, three stages)")
+    ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
+    ts.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget of the three LM stages")
+    ts.add_argument("--vq-minutes", type=float, default=10.0, help="wall-clock budget of the VQ training")
+    ts.add_argument("--seed", type=int, default=1)
+    ts.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT (default: resume)")
+    ts.set_defaults(func=cmd_train_shapes)
+
+    e = sub.add_parser("eval", help="evaluate a model on ShapesWorld")
+    e.add_argument("task", choices=["shapes-geneval", "shapes-vqa"])
+    _model_args(e)
+    e.add_argument("--out", default=None, help="folder for the JSON + Markdown report and PNG grids")
+    e.add_argument("--prompts", type=int, default=24, help="prompts per category (geneval)")
+    e.add_argument("--images", type=int, default=4, help="images per prompt (geneval)")
+    e.add_argument("--questions", type=int, default=600, help="number of questions (vqa)")
+    e.add_argument("--cfg", type=float, default=None)
+    e.add_argument("--temperature", type=float, default=None)
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="a small gallery: prompts -> images -> questions -> answers")
+    _model_args(d)
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=cmd_demo)
+
+    try:
+        from .server.cli import add_parser as add_serve
+    except ImportError:  # the serving extra (fastapi, uvicorn) is not installed
+        add_serve = None
+    if add_serve is not None:
+        add_serve(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ZuoyouError as e:
+        if args.debug:
+            raise
+        print(f"zuoyou: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zuoyou: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

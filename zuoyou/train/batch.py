@@ -1,0 +1,106 @@
+"""Training examples, their collation, and the unified loss of a Janus model.
+
+An ``Example`` is one token sequence in the chat format, of one of three kinds:
+- understanding: ``...<begin_of_image> N x <image_placeholder> <end_of_image>\\n{question}...{answer}<eos>``
+  with the image fed through the understanding encoder at the placeholder slots;
+- text: the same without an image;
+- generation: ``{User}: {prompt}\\n\\n{Assistant}:<begin_of_image>`` followed by the image's VQ codes,
+  fed through ``gen_embed``/``gen_aligner`` and predicted by ``gen_head``.
+
+The loss is the mean cross-entropy over answer tokens (``lm_head``) plus the mean cross-entropy
+over image codes (``gen_head``): averaging each kind separately keeps the few answer tokens of
+an understanding example from being drowned by the 64+ codes of a generation example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models.janus import Janus
+from ..processor import Message, Processor
+
+
+@dataclass
+class Example:
+    ids: list[int]  # prompt (+ answer) token ids, BOS first
+    loss_from: int  # first position whose token is a training target (answer start); len(ids) = none
+    image: torch.Tensor | None = None  # (3, S, S) understanding image, in [-1, 1]
+    codes: torch.Tensor | None = None  # (T,) VQ codes to generate after ids (ids end with <begin_of_image>)
+
+
+def understanding_example(proc: Processor, question: str, answer: str, image=None, system: str = "") -> Example:
+    msgs = [Message("user", question, [image] if image is not None else [])]
+    prompt = proc.expand_images(proc.encode(proc.chat_prompt(msgs, system=system)))
+    answer_ids = proc.tokenizer.encode(" " + answer.strip(), add_special_tokens=False).ids + [proc.eos]
+    return Example(prompt + answer_ids, len(prompt), image=image)
+
+
+def generation_example(proc: Processor, prompt: str | None, codes: torch.Tensor) -> Example:
+    """``prompt=None`` gives the CFG unconditional prompt, exactly as inference builds it."""
+    ids = proc.generation_ids(prompt if prompt is not None else "x")
+    if prompt is None:
+        ids = proc.uncond_ids(ids)
+    return Example(ids, len(ids), codes=codes)
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T) right-padded
+    text_targets: torch.Tensor  # (B, T) next-token targets, -100 where no text loss
+    und_mask: torch.Tensor  # (B, T) positions fed by the understanding encoder
+    pixels: torch.Tensor | None  # (N, 3, S, S)
+    gen_mask: torch.Tensor  # (B, T) positions fed by image codes
+    gen_codes: torch.Tensor  # (M,) codes at gen_mask positions, in order
+    code_targets: torch.Tensor  # (B, T) next-code targets, -100 elsewhere
+
+
+def collate(examples: list[Example], proc: Processor) -> Batch:
+    lens = [len(e.ids) + (len(e.codes) if e.codes is not None else 0) for e in examples]
+    B, T = len(examples), max(lens)
+    ids = torch.full((B, T), proc.pad, dtype=torch.long)
+    text_t = torch.full((B, T), -100, dtype=torch.long)
+    code_t = torch.full((B, T), -100, dtype=torch.long)
+    gen_mask = torch.zeros(B, T, dtype=torch.bool)
+    pixels, codes = [], []
+    for b, e in enumerate(examples):
+        n = len(e.ids)
+        ids[b, :n] = torch.tensor(e.ids)
+        if e.loss_from < n:  # predict ids[loss_from:] from the position before each
+            text_t[b, e.loss_from - 1: n - 1] = ids[b, e.loss_from: n]
+        if e.codes is not None:
+            k = len(e.codes)
+            gen_mask[b, n: n + k] = True
+            code_t[b, n - 1: n + k - 1] = e.codes  # <begin_of_image> predicts code 0, and so on
+            codes.append(e.codes)
+        if e.image is not None:
+            pixels.append(e.image)
+    und_mask = ids == proc.image_id
+    return Batch(ids, text_t, und_mask, torch.stack(pixels) if pixels else None, gen_mask,
+                 torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long), code_t)
+
+
+def loss_fn(model: Janus, batch: Batch) -> tuple[torch.Tensor, dict]:
+    """Mean text CE + mean image-code CE (each over its own targets)."""
+    x = model.embed_text(batch.ids)
+    if batch.pixels is not None:
+        x = x.clone()
+        x[batch.und_mask] = model.embed_images(batch.pixels).flatten(0, 1).to(x.dtype)  # (N*P, D)
+    if batch.gen_codes.numel():
+        x = x.clone() if batch.pixels is None else x
+        x[batch.gen_mask] = model.embed_image_codes(batch.gen_codes).to(x.dtype)
+    h = model.hidden(x)  # (B, T, D), causal
+    stats, total = {}, 0.0
+    tm = batch.text_targets >= 0
+    if tm.any():
+        t_loss = F.cross_entropy(model.text_logits(h[tm]).float(), batch.text_targets[tm])
+        total = total + t_loss
+        stats["text"] = t_loss.item()
+    cm = batch.code_targets >= 0
+    if cm.any():
+        c_loss = F.cross_entropy(model.image_logits(h[cm]).float(), batch.code_targets[cm])
+        total = total + c_loss
+        stats["image"] = c_loss.item()
+    return total, stats

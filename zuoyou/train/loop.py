@@ -1,0 +1,159 @@
+"""The one training loop: staged, mixed-task, time- or step-budgeted, resumable, seeded.
+
+Each ``Stage`` says which parameters train, its learning-rate schedule, its budget, and its
+understanding:text:generation data ratio. A ``DataSource`` turns (kind, count, rng, stage) into
+``Example``s; the loop mixes them into batches, runs ``loss_fn`` under bf16 autocast on CPU,
+clips, steps AdamW, and checkpoints atomically (model, optimiser, RNG, stage, step, elapsed).
+Killed at any point, ``resume=True`` continues from the last checkpoint with the same data
+order. The ShapesWorld recipe and ``zuoyou finetune`` both drive this loop.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from .batch import Example, collate, loss_fn
+from .checkpoint import exists, load_checkpoint, save_checkpoint
+
+KINDS = ("und", "text", "gen")
+
+
+@dataclass
+class Stage:
+    name: str
+    lr: float
+    minutes: float | None = None  # wall-clock budget (our CPU recipe) ...
+    steps: int | None = None  # ... or a step budget (reproducible, used by tests/finetune)
+    warmup: int = 0
+    decay: bool = False  # cosine from lr down to 2 % of it over the stage
+    mix: tuple[float, float, float] = (1.0, 1.0, 1.0)  # und : text : gen
+    frozen: tuple[str, ...] = ("gen_vision_model.",)  # parameter-name prefixes kept frozen
+    batch_size: int = 64
+    options: dict = field(default_factory=dict)  # passed to the data source (e.g. simple prompts only)
+
+    def progress(self, step: int, elapsed: float) -> float:
+        if self.steps is not None:
+            return step / self.steps
+        return elapsed / (self.minutes * 60)
+
+    def lr_at(self, step: int, frac: float) -> float:
+        lr = self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.lr
+        if self.decay:
+            lr *= 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        return lr
+
+
+class DataSource(Protocol):
+    processor: object
+
+    def examples(self, kind: str, n: int, rng: random.Random, stage: Stage) -> list[Example]: ...
+
+
+def split_counts(batch: int, mix, rng: random.Random) -> dict[str, int]:
+    """Counts per kind summing to ``batch``, proportional to ``mix`` (remainders drawn at random)."""
+    total = sum(mix)
+    counts = {k: int(batch * m / total) for k, m in zip(KINDS, mix)}
+    while sum(counts.values()) < batch:
+        k = rng.choices(KINDS, weights=mix)[0]
+        counts[k] += 1
+    return counts
+
+
+def set_trainable(model: torch.nn.Module, frozen: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def train(model, stages: list[Stage], data: DataSource, out: Path, seed: int = 0, resume: bool = True,
+          on_stage_end: Callable[[Stage], dict] | None = None, log=print, checkpoint_every: float = 120.0,
+          autocast: bool = True, progress: bool = True, max_steps: int | None = None) -> dict:
+    """Run ``stages`` in order; returns the training log. ``max_steps`` stops early (tests)."""
+    ckpt = Path(out) / "checkpoint"
+    history = {"stages": [], "seed": seed}
+    state = {"stage": 0, "step": 0, "elapsed": 0.0, "total_steps": 0}
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    start = 0
+    if resume and exists(ckpt):
+        # the optimiser is rebuilt per stage; its state is restored below once the stage is known
+        state = load_checkpoint(ckpt, model)
+        rng.setstate(state["rng"])
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        history = state.get("history", history)
+        start = state["stage"]
+        log(f"resumed: stage {stages[start].name if start < len(stages) else 'done'}, step {state['step']}")
+    model.train()
+    for si in range(start, len(stages)):
+        st = stages[si]
+        params = set_trainable(model, st.frozen)
+        opt = torch.optim.AdamW(params, lr=st.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        step, elapsed = (state["step"], state["elapsed"]) if si == start else (0, 0.0)
+        if si == start and step and exists(ckpt):
+            load_checkpoint(ckpt, model, opt)
+        t0, last_ckpt = time.time() - elapsed, time.time()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=st.steps or int(st.minutes * 60), desc=st.name, unit="step" if st.steps else "s",
+                       file=sys.stderr, initial=step if st.steps else int(elapsed), dynamic_ncols=True)
+        losses: dict[str, list[float]] = {}
+        while st.progress(step, time.time() - t0) < 1.0:
+            frac = st.progress(step, time.time() - t0)
+            for g in opt.param_groups:
+                g["lr"] = st.lr_at(step, frac)
+            counts = split_counts(st.batch_size, st.mix, rng)
+            examples = [e for k in KINDS if counts[k] for e in data.examples(k, counts[k], rng, st)]
+            batch = collate(examples, data.processor)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, stats = loss_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            state["total_steps"] = state.get("total_steps", 0) + 1
+            for k, v in stats.items():
+                losses.setdefault(k, []).append(v)
+            if bar is not None:
+                bar.set_postfix({k: f"{sum(v[-20:]) / len(v[-20:]):.3f}" for k, v in losses.items()}, refresh=False)
+                bar.update(1 if st.steps else int(time.time() - t0) - bar.n)
+            if time.time() - last_ckpt > checkpoint_every:
+                _save(ckpt, model, opt, rng, history, si, step, time.time() - t0, state)
+                last_ckpt = time.time()
+            if max_steps is not None and state["total_steps"] >= max_steps:
+                break
+        if bar is not None:
+            bar.close()
+        record = {"stage": st.name, "steps": step, "minutes": round((time.time() - t0) / 60, 2),
+                  "final_loss": {k: round(sum(v[-50:]) / len(v[-50:]), 4) for k, v in losses.items()}}
+        if max_steps is not None and state["total_steps"] >= max_steps:
+            _save(ckpt, model, opt, rng, history, si, step, time.time() - t0, state)
+            return history
+        if on_stage_end is not None:
+            model.eval()
+            record["eval"] = on_stage_end(st)
+            model.train()
+        history["stages"].append(record)
+        log(f"stage {st.name} done: {record}")
+        _save(ckpt, model, None, rng, history, si + 1, 0, 0.0, state)
+    model.eval()
+    return history
+
+
+def _save(ckpt, model, opt, rng, history, stage, step, elapsed, state):
+    save_checkpoint(ckpt, model, opt, stage=stage, step=step, elapsed=elapsed, rng=rng.getstate(),
+                    torch_rng=torch.get_rng_state().tolist(), history=history,
+                    total_steps=state.get("total_steps", 0))

@@ -1,0 +1,185 @@
+"""``zuoyou train shapes``: build the bundled ShapesWorld model from zero, with the Janus-Pro recipe.
+
+Steps (each resumable; the output folder holds every intermediate):
+0. tokenizer: byte-level BPE trained with ``tokenizers`` on the world's text, Janus special tokens;
+1. VQ tokenizer trained on rendered scenes (``zuoyou.train.vq``), then frozen (as in Janus);
+2. the unified model, three stages of the one loop (``zuoyou.train.loop``), adapted to a
+   from-scratch tiny model (documented in the README):
+   - stage 1 "pixel dependence": und:text:gen = 1:0:3, simple one-object prompts (Janus-Pro trains
+     on ImageNet class names here). Unlike Janus, nothing is frozen but the VQ: our LM and
+     understanding encoder start random, so freezing them would teach nothing;
+   - stage 2 unified pre-training: 2:3:5, every caption style and question type;
+   - stage 3 SFT: 5:1:4, learning rate decayed to 2 % (most of the late gain of a small model).
+   CFG prompt dropout (10 %) uses exactly the unconditional prompt of inference.
+3. generation defaults (CFG, temperature) chosen on validation prompts (seeds disjoint from the
+   evaluation), written to ``generation_defaults.json``; then the final evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import get_config
+from ..loading import save_model
+from ..models.janus import Janus, build
+from ..models.vq import VQModel
+from ..processor import ImageProcessor, Processor
+from ..shapes import caption, describe, sample_prompt, sample_question, sample_scene, scene_for_prompt
+from ..tokenizer import train_tokenizer
+from .batch import Example, generation_example, understanding_example
+from .checkpoint import exists, load_checkpoint
+from .loop import Stage, train
+from .vq import encode_scenes, reconstruction_parse_rate, scenes_to_tensor, train_vq
+
+TRAIN_SEED = 1  # evaluation uses other seeds (zuoyou.evals.shapes)
+CFG_DROPOUT = 0.1
+
+
+def corpus(n: int = 20000, seed: int = TRAIN_SEED):
+    rng = random.Random(seed)
+    for _ in range(n):
+        scene = sample_scene(rng)
+        yield caption(rng, scene)
+        _, q, a = sample_question(rng, scene)
+        yield f"<|User|>: {q}\n\n<|Assistant|>: {a}"
+        yield describe(scene)
+
+
+class ShapesData:
+    """Examples drawn on the fly from the world (infinite, seeded by the loop's RNG)."""
+
+    def __init__(self, processor: Processor, vq: VQModel, system: str = ""):
+        self.processor, self.vq, self.system = processor, vq, system
+
+    def examples(self, kind: str, n: int, rng: random.Random, stage: Stage) -> list[Example]:
+        proc = self.processor
+        if kind == "gen":
+            simple = stage.options.get("simple", False)
+            scenes, prompts = [], []
+            for _ in range(n):
+                if rng.random() < 0.5:  # a GenEval-style prompt and a scene satisfying it exactly
+                    p = sample_prompt(rng, rng.choice(["single_object", "colors"]) if simple else None)
+                    scene, text = scene_for_prompt(rng, p), p.text
+                else:  # a richer caption of a random scene
+                    scene = sample_scene(rng, n=1 if simple else None)
+                    text = caption(rng, scene)
+                scenes.append(scene)
+                prompts.append(None if rng.random() < CFG_DROPOUT else text)
+            codes = encode_scenes(self.vq, scenes)
+            return [generation_example(proc, p, c) for p, c in zip(prompts, codes)]
+        scenes = [sample_scene(rng) for _ in range(n)]
+        qas = [sample_question(rng, s) for s in scenes]
+        if kind == "und":
+            images = scenes_to_tensor(scenes)
+            return [understanding_example(proc, q, a, img, self.system) for (_, q, a), img in zip(qas, images)]
+        # text-only: the scene is given in words, the question is the same
+        return [understanding_example(proc, f"Scene: {describe(s)}.\n{q}", a, None, self.system)
+                for s, (_, q, a) in zip(scenes, qas)]
+
+
+def stages(minutes: float, batch_size: int = 64) -> list[Stage]:
+    m1, m2, m3 = 0.1 * minutes, 0.55 * minutes, 0.35 * minutes
+    return [
+        Stage("stage1", lr=1e-3, minutes=m1, warmup=100, mix=(1, 0, 3), batch_size=batch_size, options={"simple": True}),
+        Stage("stage2", lr=1e-3, minutes=m2, warmup=0, mix=(2, 3, 5), batch_size=batch_size),
+        Stage("stage3", lr=1e-3, minutes=m3, warmup=0, decay=True, mix=(5, 1, 4), batch_size=batch_size),
+    ]
+
+
+def build_shapes_model(out: Path, vq: VQModel, vocab: int, seed: int) -> Janus:
+    cfg = get_config("shapes")
+    cfg.lm.vocab_size = vocab
+    torch.manual_seed(seed)
+    model = build(cfg, "cpu")
+    _init(model)
+    model.gen_vision_model.load_state_dict(vq.state_dict())
+    return model
+
+
+def _init(model: torch.nn.Module, std: float = 0.02):
+    for name, p in model.named_parameters():
+        if name.startswith("gen_vision_model."):
+            continue
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=std)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+
+
+def run(out: Path, minutes: float = 45.0, vq_minutes: float = 10.0, seed: int = TRAIN_SEED, resume: bool = True,
+        eval_images: int = 4, log=print) -> dict:
+    """Train everything into ``out``; the loadable model folder is ``out/model``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t_start = time.time()
+    report = json.loads((out / "report.json").read_text()) if resume and (out / "report.json").is_file() else {}
+
+    # 0. tokenizer
+    tok_path = out / "tokenizer.json"
+    if not (resume and tok_path.is_file()):
+        train_tokenizer(corpus(), vocab_size=512).save(str(tok_path))
+    processor = Processor.from_folder(out, num_image_tokens=64, image_size=64, system_prompt="")
+    vocab = processor.tokenizer.get_vocab_size(with_added_tokens=True)
+    log(f"tokenizer: {vocab} tokens")
+
+    # 1. VQ
+    cfg = get_config("shapes")
+    torch.manual_seed(seed)
+    vq = VQModel(cfg.vq)
+    if not report.get("vq_done"):
+        train_vq(vq, out / "vq", minutes=vq_minutes, seed=seed, log=log, resume=resume)
+        report["vq_parse_rate"] = reconstruction_parse_rate(vq, n=1000)
+        report["vq_done"] = True
+        _write(out / "report.json", report)
+    else:
+        load_checkpoint(out / "vq", vq)
+    log(f"vq: held-out reconstructions parse back exactly: {report['vq_parse_rate']:.4f}")
+    vq.eval().requires_grad_(False)
+
+    # 2. unified model, three stages
+    model = build_shapes_model(out, vq, max(vocab, 64), seed)
+    processor.num_image_tokens = cfg.vision.num_patches
+    data = ShapesData(processor, vq)
+
+    def stage_eval(st: Stage) -> dict:
+        from ..evals.shapes import quick_eval
+
+        return quick_eval(_pipeline(model, processor, None), log=log)
+
+    history = train(model, stages(minutes), data, out, seed=seed, resume=resume, on_stage_end=stage_eval, log=log)
+    report["training"] = history
+    report["train_minutes_this_run"] = round((time.time() - t_start) / 60, 1)
+    folder = out / "model"
+    save_model(model, folder)
+    shutil.copy(tok_path, folder / "tokenizer.json")
+
+    # 3. generation defaults picked on validation prompts
+    from ..evals.shapes import choose_defaults
+
+    defaults = choose_defaults(_pipeline(model, processor, None), log=log)
+    defaults.update(text_temperature=0.0, max_new_tokens=48, system_prompt="")
+    _write(folder / "generation_defaults.json", defaults)
+    report["defaults"] = defaults
+    _write(out / "report.json", report)
+    return report
+
+
+def _pipeline(model: Janus, processor: Processor, defaults):
+    from ..api import GenerationDefaults, Pipeline
+    from ..engine import Engine
+
+    d = GenerationDefaults(**(defaults or {"system_prompt": ""}))
+    return Pipeline(Engine(model, processor, torch.device("cpu"), torch.float32), d, None)
+
+
+def _write(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
