@@ -114,8 +114,16 @@ def to_messages(messages) -> list[Message]:
     return out
 
 
-def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=None) -> Pipeline:
-    """Load a checkpoint folder or hub id (None: the bundled ShapesWorld model) into a ``Pipeline``."""
+def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=None, quantize: str | None = None,
+         compile: bool = False) -> Pipeline:
+    """Load a checkpoint folder or hub id (None: the bundled ShapesWorld model) into a ``Pipeline``.
+
+    ``quantize="int8"``: int8 weight-only LM linears and heads (``zuoyou.quantize``), bf16 activations.
+    ``compile=True``: ``torch.compile`` the one-token decode step (first call of each batch shape compiles).
+    """
+    from .quantize import check_mode, quantize_model
+
+    quantize = check_mode(quantize)
     if name_or_path is None:
         if not (BUNDLED / "config.json").is_file():
             raise CheckpointError("this install has no bundled model; pass a checkpoint folder or hub id")
@@ -124,11 +132,12 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
     dev = resolve_device(device)
     model, config = load_model(folder, dev, resolve_dtype(dtype))
     dtype_used = next(model.parameters()).dtype
+    quantize_model(model, quantize)
     defaults = GenerationDefaults.from_folder(folder)
     processor = Processor.from_folder(folder, config.vision.num_patches, config.vision.image_size,
                                       defaults.system_prompt)
     n_tok = processor.tokenizer.get_vocab_size(with_added_tokens=True)
     if n_tok > config.lm.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {n_tok} tokens but the model embeds only {config.lm.vocab_size}")
-    return Pipeline(Engine(model, processor, dev, dtype_used), defaults, folder)
+    return Pipeline(Engine(model, processor, dev, dtype_used, compile=compile), defaults, folder)
 

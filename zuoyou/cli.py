@@ -22,13 +22,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled ShapesWorld model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps or npu (default: auto)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
+    p.add_argument("--quantize", default=None, choices=["int8", "none"],
+                   help="int8: weight-only int8 LM linears and heads, about 2x faster decoding on CPU (default: none)")
 
 
 def _load(args):
     from .api import load
 
     log(f"loading {args.model or 'the bundled ShapesWorld model'} ...")
-    return load(args.model, device=args.device, dtype=args.dtype)
+    return load(args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None))
 
 
 def cmd_generate(args) -> None:

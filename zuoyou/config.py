@@ -231,7 +231,7 @@ def shapes() -> JanusConfig:
         lm=LMConfig(vocab_size=384, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
                     num_attention_heads=4, max_position_embeddings=256),
         vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, model_name="shapes_vit"),
-        vq=VQConfig(codebook_size=4096, codebook_embed_dim=8, ch=32, ch_mult=(1, 2, 2, 4), z_channels=64,
+        vq=VQConfig(codebook_size=4096, codebook_embed_dim=8, ch=16, ch_mult=(1, 2, 4, 4), z_channels=64,
                     num_res_blocks=1, norm_groups=8, image_size=64),
         aligner_input_dim=128, gen_embed_dim=8, image_token_size=4096, image_token_embed=256, torch_dtype="float32",
     )

@@ -58,10 +58,13 @@ class _Batch:
 
 class Engine:
     def __init__(self, model: Janus, processor: Processor, device: torch.device, dtype: torch.dtype,
-                 context: int | None = None):
+                 context: int | None = None, compile: bool = False):
         self.model, self.processor, self.device, self.dtype = model, processor, device, dtype
         self.config = model.config
         self.context = context or self.config.lm.max_position_embeddings
+        # the one-token decode step; ``compile=True`` hands it to torch.compile (the first request of a
+        # new batch size / length recompiles, after which torch marks the changing sizes dynamic)
+        self._compiled = torch.compile(model.hidden) if compile else None
 
     # ----------------------------------------------------------------------------------- helpers
     def _pad(self, rows: list[list[int]]) -> _Batch:
@@ -136,6 +139,10 @@ class Engine:
             groups.append(slice(start, start + r.n))
             start += r.n
         codes = torch.zeros(R, T, dtype=torch.long, device=self.device)
+        # every step's cache slot and RoPE positions, made once (no per-step tensor allocations)
+        slots = torch.arange(L, S, device=self.device)  # (T,)
+        step_pos = row_pos + 1 + torch.arange(T, device=self.device)  # (2R, T)
+        step = self._compiled or self.model.hidden
         steps = range(T)
         if progress:
             from tqdm.auto import tqdm
@@ -150,8 +157,7 @@ class Engine:
                 break
             nxt = codes[:, i].repeat(2)  # same code for the cond and uncond halves
             x = self.model.embed_image_codes(nxt)[:, None].to(self.dtype)  # (2R, 1, D)
-            pos = torch.tensor([L + i], device=self.device)
-            h = self.model.hidden(x, pos, mask[:, :, L + i: L + i + 1], row_pos + 1 + i)[:, -1]
+            h = step(x, slots[i:i + 1], mask[:, :, L + i: L + i + 1], step_pos[:, i:i + 1])[:, -1]
             if preview and preview_every and (i + 1) % (vq.grid * preview_every) == 0:
                 preview((i + 1) // vq.grid, self._decode(codes, upto=i + 1))
         self.model.language_model.clear_cache()
@@ -200,6 +206,9 @@ class Engine:
         gens = [make_generator(r.seed, self.device) for r in requests]
         done = [False] * B
         row_pos = batch.positions[:, -1:]
+        slots = torch.arange(L, S, device=self.device)
+        step_pos = row_pos + 1 + torch.arange(S - L, device=self.device)  # (B, max new)
+        step = self._compiled or self.model.hidden
         try:
             for i in range(max(new)):
                 logits = self.model.text_logits(h).float()  # (B, V)
@@ -217,8 +226,7 @@ class Engine:
                 if all(done):
                     break
                 x = self.model.embed_text(torch.tensor(toks, device=self.device)[:, None]).to(self.dtype)
-                pos = torch.tensor([L + i], device=self.device)
-                h = self.model.hidden(x, pos, mask[:, :, L + i: L + i + 1], row_pos + 1 + i)[:, -1]
+                h = step(x, slots[i:i + 1], mask[:, :, L + i: L + i + 1], step_pos[:, i:i + 1])[:, -1]
         finally:
             self.model.language_model.clear_cache()
 

@@ -13,7 +13,11 @@ Endpoints
   GET  /health                  status, queue and batching counters (no key needed)
   GET  /                        the web page (static files under /static)
 
-With ``api_key`` set, every /v1 route wants ``Authorization: Bearer <key>``.
+With ``api_key`` set, every /v1 route wants ``Authorization: Bearer <key>``. One model per
+server: the ``model`` field is accepted and ignored. Unset sampling fields take the model folder's
+``generation_defaults.json`` values (chat: greedy unless the folder says otherwise). Errors are
+OpenAI-shaped: 400 bad input (the message names the field), 401 key, 404, 413 body too large,
+429 queue full (``Retry-After``), 504 over the per-request timeout, 500 model failure.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1-2 is often faster on a busy machine)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("ZUOYOU_API_KEY"),
@@ -46,6 +48,10 @@ def build_app(args):
     from .app import create_app
     from .openai_schema import Limits
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                     max_n=args.max_n, max_tokens=args.max_tokens, request_timeout=args.timeout,

@@ -30,8 +30,21 @@ def scenes_to_tensor(scenes) -> torch.Tensor:
     return torch.from_numpy(x / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()  # (B, 3, 64, 64)
 
 
-def image_batch(rng: random.Random, batch: int) -> torch.Tensor:
-    return scenes_to_tensor([sample_scene(rng) for _ in range(batch)])
+def image_batch(rng: random.Random, batch: int, crop: int | None = None) -> torch.Tensor:
+    """Rendered scenes, or random ``crop`` x ``crop`` windows of them (aligned to the 8-px code grid).
+
+    The VQ is convolutional, so training on crops teaches the same local code <-> pixels mapping
+    at a fraction of the cost per code; the attention blocks have no positions, so they transfer.
+    """
+    x = scenes_to_tensor([sample_scene(rng) for _ in range(batch)])
+    if crop is None or crop >= x.shape[-1]:
+        return x
+    cells = (x.shape[-1] - crop) // 8 + 1
+    out = []
+    for img in x:
+        i, j = rng.randrange(cells) * 8, rng.randrange(cells) * 8
+        out.append(img[:, i:i + crop, j:j + crop])
+    return torch.stack(out)
 
 
 def restart_dead_codes(vq: VQModel, usage: torch.Tensor, recent: torch.Tensor) -> int:
@@ -46,8 +59,9 @@ def restart_dead_codes(vq: VQModel, usage: torch.Tensor, recent: torch.Tensor) -
     return dead.numel()
 
 
-def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: float = 2e-3, seed: int = 0,
-             warmup_steps: int = 150, restart_every: int = 50, log=print, resume: bool = True) -> VQModel:
+def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float = 2e-3, seed: int = 0,
+             warmup_steps: int = 150, restart_every: int = 50, log=print, resume: bool = True,
+             crop: int | None = 32) -> VQModel:
     """Train ``vq`` for about ``minutes`` of wall time; checkpoints atomically to ``out_ckpt``."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -67,7 +81,7 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: float =
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        x = image_batch(rng, batch)
+        x = image_batch(rng, batch, crop)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = vq.quant_conv(vq.encoder(x)).float()
         if step < warmup_steps:  # plain autoencoder on normalised latents: shapes the latent space first
@@ -94,7 +108,7 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: float =
         step += 1
         if step > warmup_steps and step % restart_every == 0:
             n_dead = restart_dead_codes(vq, usage, torch.cat(recent)) if frac < 0.85 else int((usage == 0).sum())
-            if step % (restart_every * 4) == 0:
+            if step % (restart_every * 2) == 0:
                 log(f"vq step {step} {(time.time() - t0) / 60:.1f}min loss {loss.item():.4f} "
                     f"q {q_loss.item():.4f} used {(usage > 0).sum().item()}/{K} restarted {n_dead}")
             usage.zero_()

@@ -17,7 +17,7 @@ async function errorText(resp) {
   catch (e) { return resp.status + " " + resp.statusText; }
 }
 
-// Server-sent events from a fetch() response: yields each parsed `data:` object until [DONE].
+// Server-sent events from a fetch() response: yields each parsed `data:` object until [answered].
 async function* sseEvents(resp) {
   const reader = resp.body.getReader();
   const dec = new TextDecoder();
@@ -130,14 +130,8 @@ $("chat-form").addEventListener("submit", async (ev) => {
     out.textContent = "error: " + e.message;
   } finally {
     $("chat-send").disabled = false;
-    // Links can start a task: /?draw=a+red+circle (with &n=2&seed=1) or /?ask=Describe+the+image
-(async () => {
-  await refreshStatus();
-  const q = new URLSearchParams(location.search);
-  for (const k of ["n", "seed", "cfg"]) if (q.has(k)) $("draw-" + k).value = q.get(k);
-  if (q.get("draw")) { $("draw-prompt").value = q.get("draw"); $("draw-form").requestSubmit(); }
-  if (q.get("ask")) { $("chat-input").value = q.get("ask"); $("chat-form").requestSubmit(); }
-})();
+    document.body.dataset.answered = String(Number(document.body.dataset.answered || 0) + 1);
+    refreshStatus();
   }
 });
 
@@ -183,14 +177,8 @@ $("draw-form").addEventListener("submit", async (ev) => {
     for (const f of figs) { f.cap.textContent = "error: " + e.message; f.cap.classList.add("error"); }
   } finally {
     $("draw-go").disabled = false;
-    // Links can start a task: /?draw=a+red+circle (with &n=2&seed=1) or /?ask=Describe+the+image
-(async () => {
-  await refreshStatus();
-  const q = new URLSearchParams(location.search);
-  for (const k of ["n", "seed", "cfg"]) if (q.has(k)) $("draw-" + k).value = q.get(k);
-  if (q.get("draw")) { $("draw-prompt").value = q.get("draw"); $("draw-form").requestSubmit(); }
-  if (q.get("ask")) { $("chat-input").value = q.get("ask"); $("chat-form").requestSubmit(); }
-})();
+    document.body.dataset.drawn = String(Number(document.body.dataset.drawn || 0) + 1);
+    refreshStatus();
   }
 });
 

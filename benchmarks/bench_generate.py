@@ -1,0 +1,414 @@
+"""zuoyou vs the transformers Janus port on the same random weights: text-to-image and understanding.
+
+    python benchmarks/bench_generate.py --config tiny                 # seconds
+    python benchmarks/bench_generate.py --config janus-pro-1b --steps 64
+
+One random ``JanusForConditionalGeneration`` of the chosen size is built (transformers' own init,
+bf16), saved in the transformers layout and, through ``zuoyou.convert.hf_to_official``, in the
+official layout; every mode then runs in its own subprocess on those weights (fp32 modes upcast the
+same bf16 values): zuoyou fp32 / bf16 / int8 (int8 weights, bf16 activations) [/ int8-fp32, and
+"+compile" variants], the port in fp32 / bf16. Per mode:
+- text-to-image, CFG 5, temperature 1, n = 1 and 4 images: prefill, ms per decode step (timed
+  between calls of the image head, one head call per step), VQ decode of n images;
+  s/image = (prefill + (T-1) steps + VQ decode) / n, extrapolated from ``--steps K`` steps when
+  K < T-1 (a short warm-up of K=2 steps precedes each timed run);
+- understanding: one image + a question, ``--new-tokens`` greedy tokens (prefill incl. the vision
+  tower = time to the first text-head call, then ms per token; no warm-up);
+- peak RSS (VmHWM): after loading, then reset (``/proc/self/clear_refs``) and peak while running;
+- bandwidth floor: bytes read per decode step (decoder layers, final norm, image head and aligner,
+  plus the whole static KV cache, which attention reads every step) / read bandwidth, measured here
+  as the best of 5 ``sum()`` of a 512 MiB fp32 tensor;
+- quality (zuoyou modes): KL(fp32 || mode) and greedy agreement of the next-token distributions
+  along teacher-forced sequences (seeded random image codes after CFG; seeded random answer tokens
+  after the understanding prompt). On random weights these measure numerical error only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+PROMPT = "a photo of a red circle left of a blue square"
+QUESTION = "Describe the image."
+WORDS = ["a photo of a red circle", "a blue square left of a green cross", "How many objects are there?",
+         "What color is the circle?", "one two three four zero yes no", "Describe the image."]
+ZUOYOU = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("bf16", "int8"), "int8-fp32": ("fp32", "int8")}
+HF = {"hf-fp32": torch.float32, "hf-bf16": torch.bfloat16}
+DEFAULT_MODES = "fp32,bf16,int8,hf-fp32,hf-bf16"
+
+
+def hwm_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_bandwidth(mb: int = 512) -> float:
+    x = torch.ones(mb * 2**20 // 4)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def hf_config(name: str, vocab: dict):
+    from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
+
+    from zuoyou.config import get_config
+    from zuoyou.processor import BOS, EOS, IMAGE_TAG, PAD
+
+    lm = get_config(name).lm
+    vision, vq = {}, {}  # janus-pro-1b: the port's defaults are the SigLIP-L / VQ-16 sizes
+    if name == "tiny":  # zuoyou's tiny, with a 32/4 = 8x8 patch grid: the port decodes on the ViT's grid
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4,
+                      num_image_tokens=64)
+        vq = dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 2],
+                  num_res_blocks=1)
+    elif name != "janus-pro-1b":
+        raise SystemExit(f"--config {name}: use janus-pro-1b or tiny")
+    ids = dict(bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[PAD])
+    text = LlamaConfig(vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
+                       num_hidden_layers=lm.num_hidden_layers, num_attention_heads=lm.num_attention_heads,
+                       num_key_value_heads=lm.num_key_value_heads, max_position_embeddings=lm.max_position_embeddings,
+                       rms_norm_eps=lm.rms_norm_eps, tie_word_embeddings=False, **ids)
+    D = lm.hidden_size
+    return JanusConfig(text_config=text, vision_config=JanusVisionConfig(projection_dim=D, **vision),
+                       vq_config=JanusVQVAEConfig(projection_dim=D, image_token_embed_dim=D, **vq),
+                       image_token_id=vocab[IMAGE_TAG], tie_word_embeddings=False), ids
+
+
+def make_checkpoint(name: str, work: Path, seed: int = 0) -> None:
+    """work/hf (transformers layout) and work/zuoyou (official layout): the same random bf16 weights."""
+    from safetensors.torch import save_file
+    from transformers import JanusForConditionalGeneration
+
+    from zuoyou.config import JanusConfig
+    from zuoyou.convert import hf_config_to_official, hf_to_official
+    from zuoyou.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(WORDS * 20, vocab_size=300)
+    vocab = tok.get_vocab()
+    cfg, ids = hf_config(name, vocab)
+    torch.manual_seed(seed)
+    hf = JanusForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+    hf.save_pretrained(work / "hf")
+    ours = work / "zuoyou"
+    ours.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.contiguous() for k, v in hf_to_official(hf.state_dict()).items()}
+    save_file(sd, str(ours / "model.safetensors"), metadata={"format": "pt"})
+    official = hf_config_to_official(hf.config.to_dict())
+    official["torch_dtype"] = "bfloat16"
+    JanusConfig.from_dict(official).save(ours / "config.json")
+    for d in (ours, work / "hf"):
+        tok.save(str(d / "tokenizer.json"))
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class Stop(Exception):
+    pass
+
+
+class Clock:
+    """Wraps a head: records the time of each call, raises Stop on call ``limit + 1``."""
+
+    def __init__(self, limit: int | None):
+        self.t, self.limit = [], limit
+
+    def wrap(self, fn):
+        def timed(*a, **k):
+            self.t.append(time.perf_counter())
+            if self.limit is not None and len(self.t) > self.limit:
+                raise Stop
+            return fn(*a, **k)
+        return timed
+
+
+def timed(call, owner, attr: str, limit: int | None) -> dict:
+    """Run ``call`` with ``owner.attr`` timed; prefill = start -> first head call; steps between calls."""
+    clock = Clock(limit)
+    setattr(owner, attr, clock.wrap(getattr(owner, attr)))
+    t0 = time.perf_counter()
+    try:
+        call()
+        complete = True
+    except Stop:
+        complete = False
+    finally:
+        delattr(owner, attr)  # the instance attribute shadowed the method
+    wall = time.perf_counter() - t0
+    n = len(clock.t) - 1
+    return {"prefill_s": clock.t[0] - t0, "step_ms": (clock.t[-1] - clock.t[0]) / max(n, 1) * 1e3, "steps_timed": n,
+            "heads": len(clock.t), "complete": complete, "wall_s": wall}
+
+
+def kv_bytes(lm_cfg, rows: int, slots: int, dtype: torch.dtype) -> int:
+    elem = torch.finfo(dtype).bits // 8
+    return 2 * lm_cfg.num_hidden_layers * rows * lm_cfg.num_key_value_heads * slots * lm_cfg.head_dim * elem
+
+
+def test_image(size: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def run_zuoyou(mode: str, a: dict, work: Path) -> dict:
+    import zuoyou.api
+    from zuoyou.processor import Message
+    from zuoyou.quantize import image_code_logits, text_logits, weight_bytes
+
+    base, compiled = mode.removesuffix("+compile"), mode.endswith("+compile")
+    dtype, quant = ZUOYOU[base]
+    t = time.perf_counter()
+    pipe = zuoyou.api.load(work / "zuoyou", device="cpu", dtype=dtype, quantize=quant, compile=compiled)
+    out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb()}
+    out["rss_reset"] = reset_hwm()
+    engine, m, cfg = pipe.engine, pipe.engine.model, pipe.config
+    lm, T = m.language_model, cfg.vq.num_tokens
+    L = len(engine.processor.generation_ids(PROMPT))
+    step_weights = weight_bytes(lm.model.layers) + weight_bytes(lm.model.norm) + weight_bytes(m.gen_head) \
+        + weight_bytes(m.gen_aligner)
+    for n in a["batches"]:
+        def gen(n=n):
+            return pipe.generate(PROMPT, n=n, cfg=5.0, temperature=1.0, seed=0)
+        t = time.perf_counter()
+        timed(gen, m, "image_logits", 2)  # warm-up (and the compilation of "+compile" modes)
+        lm.clear_cache()
+        warm = time.perf_counter() - t
+        r = timed(gen, m, "image_logits", None if a["steps"] >= T - 1 else a["steps"])
+        lm.clear_cache()
+        codes = torch.randint(0, cfg.image_token_size, (n, T), generator=torch.Generator().manual_seed(0))
+        t = time.perf_counter()
+        engine._decode(codes)
+        r.update(warmup_s=warm, vq_s=time.perf_counter() - t, tokens=T,
+                 bytes_per_step=step_weights + kv_bytes(cfg.lm, 2 * n, L + T, engine.dtype))
+        out[f"t2i_{n}"] = r
+    img = test_image(cfg.vision.image_size)
+    ids, px = engine.processor.understanding_inputs([Message("user", QUESTION, [img])])
+    r = timed(lambda: pipe.ask(img, QUESTION, max_new_tokens=a["new_tokens"], temperature=0), m, "text_logits", None)
+    r["bytes_per_step"] = weight_bytes(lm.model.layers) + weight_bytes(lm.model.norm) + weight_bytes(lm.lm_head) \
+        + kv_bytes(cfg.lm, 1, len(ids) + a["new_tokens"], engine.dtype)
+    out["und"] = r
+    out["rss_run_mb"] = hwm_mb()
+    if not compiled and a["quality_tokens"]:
+        g = torch.Generator().manual_seed(1)
+        q = min(T, a["quality_tokens"])
+        codes = torch.randint(0, cfg.image_token_size, (q,), generator=g)
+        answer = torch.randint(10, cfg.lm.vocab_size, (a["new_tokens"],), generator=g)
+        gids = torch.tensor(engine.processor.generation_ids(PROMPT))
+        un = torch.tensor(engine.processor.uncond_ids(gids.tolist()))
+        torch.save({"image": image_code_logits(m, gids, un, codes),
+                    "text": text_logits(m, torch.tensor(ids), px, engine.processor.image_id, answer)},
+                   work / f"quality-{mode}.pt")
+    return out
+
+
+def run_hf(mode: str, a: dict, work: Path) -> dict:
+    import transformers
+    from transformers import JanusForConditionalGeneration
+
+    from zuoyou.loading import read_config
+    from zuoyou.processor import Message, Processor
+    from zuoyou.quantize import weight_bytes
+
+    transformers.logging.set_verbosity_error()
+    dtype = HF[mode]
+    t = time.perf_counter()
+    hf = JanusForConditionalGeneration.from_pretrained(work / "hf", dtype=dtype, attn_implementation="sdpa").eval()
+    out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb()}
+    out["rss_reset"] = reset_hwm()
+    cfg, _ = read_config(work / "zuoyou")
+    proc = Processor.from_folder(work / "zuoyou", cfg.vision.num_patches, cfg.vision.image_size)
+    gc = hf.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = proc.bos, proc.eos, proc.pad
+    gc.boi_token_id = proc.image_start
+    gc.generation_kwargs = {"boi_token_id": proc.image_start}  # what the port's image generate() reads
+    T, head, lmod = cfg.vq.num_tokens, hf.model.generation_head, hf.model.language_model
+    ids = torch.tensor([proc.generation_ids(PROMPT)])
+    step_weights = weight_bytes(lmod.layers) + weight_bytes(lmod.norm) + weight_bytes(head) \
+        + weight_bytes(hf.model.generation_aligner)
+    with torch.inference_mode():
+        for n in a["batches"]:
+            def gen(n=n):
+                torch.manual_seed(0)
+                return hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                   do_sample=True, temperature=1.0, guidance_scale=5.0, num_return_sequences=n)
+            t = time.perf_counter()
+            timed(gen, head, "forward", 2)
+            warm = time.perf_counter() - t
+            r = timed(gen, head, "forward", None if a["steps"] >= T - 1 else a["steps"])
+            codes = torch.randint(0, cfg.image_token_size, (n, T), generator=torch.Generator().manual_seed(0))
+            t = time.perf_counter()
+            hf.decode_image_tokens(codes)
+            r.update(warmup_s=warm, vq_s=time.perf_counter() - t, tokens=T,
+                     bytes_per_step=step_weights + kv_bytes(cfg.lm, 2 * n, ids.shape[1] + T, dtype))
+            out[f"t2i_{n}"] = r
+        img = test_image(cfg.vision.image_size)
+        uids, px = proc.understanding_inputs([Message("user", QUESTION, [img])])
+        uids = torch.tensor([uids])
+
+        def ask():
+            hf.generate(input_ids=uids, pixel_values=px.to(dtype), attention_mask=torch.ones_like(uids),
+                        max_new_tokens=a["new_tokens"], do_sample=False)
+        r = timed(ask, hf.lm_head, "forward", None)
+    r["bytes_per_step"] = weight_bytes(lmod.layers) + weight_bytes(lmod.norm) + weight_bytes(hf.lm_head) \
+        + kv_bytes(cfg.lm, 1, uids.shape[1] + a["new_tokens"], dtype)
+    out["und"] = r
+    out["rss_run_mb"] = hwm_mb()
+    return out
+
+
+def worker(mode: str, work: Path) -> None:
+    a = json.loads((work / "args.json").read_text())
+    if a["threads"]:
+        torch.set_num_threads(a["threads"])
+    out = run_hf(mode, a, work) if mode in HF else run_zuoyou(mode, a, work)
+    out["threads"] = torch.get_num_threads()
+    (work / f"result-{mode}.json").write_text(json.dumps(out, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- report
+def per_image(r: dict) -> float:
+    """Seconds per image: prefill + (T-1) decode steps + VQ decode, over the n images of the call."""
+    return (r["prefill_s"] + (r["tokens"] - 1) * r["step_ms"] / 1e3 + r["vq_s"]) / r["n"]
+
+
+def report(results: dict, bw: float, batches: list[int]) -> str:
+    ref = next((results[m] for m in ("hf-bf16", "hf-fp32") if "error" not in results.get(m, {"error": 1})), None)
+    head = ["mode", "load s"]
+    for n in batches:
+        head += [f"n={n} prefill s", f"n={n} ms/step", f"n={n} floor ms", f"n={n} s/image", f"n={n} vs HF bf16"]
+    head += ["und prefill s", "und ms/token", "und floor ms", "RSS load / run MB"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mode, r in results.items():
+        if "error" in r:
+            rows.append(f"| {mode} | failed: {r['error']} |")
+            continue
+        cells = [mode, f"{r['load_s']:.1f}"]
+        for n in batches:
+            t = r[f"t2i_{n}"]
+            t["n"] = n
+            floor = t["bytes_per_step"] / bw / 1e6
+            cells += [f"{t['prefill_s']:.2f}", f"{t['step_ms']:.1f}", f"{floor:.1f}", f"{per_image(t):.2f}",
+                      f"{per_image(dict(ref[f't2i_{n}'], n=n)) / per_image(t):.2f}x" if ref else "-"]
+        u = r["und"]
+        cells += [f"{u['prefill_s']:.2f}", f"{u['step_ms']:.1f}", f"{u['bytes_per_step'] / bw / 1e6:.1f}",
+                  f"{r['rss_load_mb']:.0f} / {r['rss_run_mb']:.0f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def quality(work: Path) -> str:
+    from zuoyou.quantize import compare_logits
+
+    if not (work / "quality-fp32.pt").is_file():
+        return "(no fp32 reference: run the fp32 mode for the quality guard)"
+    ref = torch.load(work / "quality-fp32.pt")
+    rows = ["| mode vs fp32 | image KL mean | image KL max | image greedy agreement | text KL mean | text KL max "
+            "| text greedy agreement |", "|---|---|---|---|---|---|---|"]
+    for f in sorted(work.glob("quality-*.pt")):
+        mode = f.stem.removeprefix("quality-")
+        if mode == "fp32":
+            continue
+        got = torch.load(f)
+        i, t = compare_logits(ref["image"], got["image"]), compare_logits(ref["text"], got["text"])
+        rows.append(f"| {mode} | {i['kl_mean']:.2e} | {i['kl_max']:.2e} | {i['greedy_agreement']:.3f} | "
+                    f"{t['kl_mean']:.2e} | {t['kl_max']:.2e} | {t['greedy_agreement']:.3f} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="janus-pro-1b", choices=["janus-pro-1b", "tiny"])
+    p.add_argument("--steps", type=int, default=None, help="decode steps to time (default: all); fewer = extrapolated")
+    p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from {', '.join([*ZUOYOU, *HF])}; "
+                   "zuoyou modes take a '+compile' suffix (default: %(default)s)")
+    p.add_argument("--skip-hf", action="store_true", help="drop the transformers modes")
+    p.add_argument("--batches", default="1,4", help="images per text-to-image call (default 1,4)")
+    p.add_argument("--new-tokens", type=int, default=32, help="understanding: new tokens (default 32)")
+    p.add_argument("--quality-tokens", type=int, default=576, help="teacher-forced image codes for the quality guard "
+                   "(0 = skip it; default 576 = a whole image)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary folder, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (reused by a later --workdir run)")
+    p.add_argument("--out", default=None, help="write all numbers to this JSON file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.worker, Path(args.workdir))
+        return 0
+    modes = [m for m in args.modes.split(",") if m and not (args.skip_hf and m in HF)]
+    bad = [m for m in modes if m.removesuffix("+compile") not in ZUOYOU and m not in HF]
+    if bad:
+        p.error(f"unknown modes {bad}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="zuoyou-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    bw = measure_bandwidth()
+    print(f"read bandwidth: {bw:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
+    if not (work / "zuoyou" / "model.safetensors").is_file() or not (work / "hf" / "config.json").is_file():
+        print(f"building a random {args.config} (transformers' init) ...", flush=True)
+        make_checkpoint(args.config, work)
+    build_s = time.perf_counter() - t
+    batches = [int(b) for b in args.batches.split(",")]
+    (work / "args.json").write_text(json.dumps({"steps": args.steps or 10**9, "batches": batches,
+                                                "new_tokens": args.new_tokens, "threads": args.threads,
+                                                "quality_tokens": args.quality_tokens}))
+    results = {}
+    for mode in modes:
+        t = time.perf_counter()
+        print(f"{mode} ...", end=" ", flush=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--workdir", str(work)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        res = work / f"result-{mode}.json"
+        if proc.returncode != 0 or not res.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            results[mode] = {"error": f"exit {proc.returncode}: {' / '.join(tail)}"}
+            print("failed:", "\n".join(tail))
+            continue
+        results[mode] = json.loads(res.read_text())
+        res.unlink()
+        print(f"{time.perf_counter() - t:.0f} s", flush=True)
+    steps = args.steps
+    T = next((r["t2i_1"]["tokens"] for r in results.values() if "t2i_1" in r), None)
+    note = (f"`--steps {steps}`: ms/step measured over {steps} decode steps, s/image extrapolated to {T} tokens"
+            if steps and T and steps < T - 1 else "all decode steps timed")
+    print(f"\n{args.config}, {note}; read bandwidth {bw:.1f} GB/s; setup {build_s:.0f} s\n")
+    print(report(results, bw, batches))
+    q = quality(work)
+    print("\n" + q)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"config": args.config, "steps": steps, "bandwidth_gbs": bw,
+                                              "results": results, "quality": q}, indent=1))
+    if not args.workdir or not args.keep:
+        shutil.rmtree(work, ignore_errors=True) if not args.workdir else [f.unlink() for f in work.glob("quality-*.pt")]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

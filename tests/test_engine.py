@@ -1,0 +1,106 @@
+"""Engine behaviour on the tiny random model: progressive previews, seeds, greedy batches, compile flag.
+
+The tiny model draws 16x16 images from an 8x8 grid of codes (64 decode steps).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import zuoyou.api
+
+
+def pixels(images):
+    return [np.asarray(im) for im in images]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b)))
+
+
+def capture_codes(pipe, monkeypatch):
+    """Record the codes of every ``decode_images`` call (previews and the final one)."""
+    calls = []
+    model = pipe.engine.model
+    orig = model.decode_images
+    monkeypatch.setattr(model, "decode_images", lambda c, chunk=None: calls.append(c.clone()) or orig(c, chunk))
+    return calls
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_preview(tiny_pipe, monkeypatch, every):
+    """``preview(rows_done, images)`` every ``every`` code rows while drawing, never for the finished grid
+    (the result itself is the complete image; the server relies on rows_done < grid). Each preview
+    is exactly the final codes' first ``rows_done`` rows, decoded with the undrawn rows set to the
+    placeholder code (the first code)."""
+    grid = tiny_pipe.config.vq.grid
+    engine = tiny_pipe.engine
+    seen = []
+    codes = capture_codes(tiny_pipe, monkeypatch)
+    images = tiny_pipe.generate("a red circle", n=2, seed=7, preview=lambda r, imgs: seen.append((r, imgs)),
+                                preview_every=every)
+    monkeypatch.undo()
+    rows = [r for r, _ in seen]
+    assert rows == list(range(every, grid, every))  # rows_done < grid: (grid - 1) // every calls
+    assert len(seen) == (grid - 1) // every
+    final = codes[-1]
+    assert final.shape == (2, grid * grid) and len(codes) == len(seen) + 1
+    for (r, imgs), c in zip(seen, codes):
+        assert len(imgs) == 2 and imgs[0].size == images[0].size
+        # the codes drawn so far are the final ones; the rest is the placeholder
+        assert torch.equal(c[:, : r * grid], final[:, : r * grid])
+        assert (c[:, r * grid:] == final[:, :1]).all()
+        placeholder = final.clone()
+        placeholder[:, r * grid:] = final[:, :1]
+        assert same(imgs, engine._decode(placeholder))
+    # the final image is the last codes with no placeholder row left. (Pixels of a preview differ
+    # from the final image's everywhere, a little: the VQ decoder's mid block attends globally.)
+    assert same(images, engine._decode(final, upto=grid * grid))
+    # a preview callback does not change the result
+    assert same(images, tiny_pipe.generate("a red circle", n=2, seed=7))
+
+
+def test_no_preview_without_every(tiny_pipe):
+    calls = []
+    tiny_pipe.generate("a red circle", seed=1, preview=lambda r, imgs: calls.append(r), preview_every=0)
+    assert calls == []
+
+
+def test_same_seed_same_images(tiny_pipe):
+    a = tiny_pipe.generate("a blue square left of a green cross", n=2, seed=3, temperature=1.0)
+    b = tiny_pipe.generate("a blue square left of a green cross", n=2, seed=3, temperature=1.0)
+    assert same(a, b)
+    assert not np.array_equal(*pixels(a))  # two samples of one batch differ
+    c = tiny_pipe.generate("a blue square left of a green cross", n=2, seed=4, temperature=1.0)
+    assert not same(a, c)
+
+
+def test_greedy_is_the_same_image_for_every_n(tiny_pipe):
+    one = tiny_pipe.generate("a red circle", n=1, temperature=0)
+    three = tiny_pipe.generate("a red circle", n=3, temperature=0, seed=5)
+    assert all(np.array_equal(pixels(one)[0], p) for p in pixels(three))
+
+
+def test_batched_requests_match_single_ones(tiny_pipe):
+    """Two requests of different prompt lengths in one decode batch (left padding) give each the
+    images it gets alone with the same seed."""
+    engine = tiny_pipe.engine
+    r1 = tiny_pipe.image_request("a red circle", n=2, seed=11)
+    r2 = tiny_pipe.image_request("a blue square left of a green cross", n=1, seed=12, temperature=0)
+    both = engine.generate_images([r1, r2])
+    assert same(both[0], engine.generate_images([r1])[0]) and same(both[1], engine.generate_images([r2])[0])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_step_gives_the_same_images(tiny_dir):
+    """``compile=True`` (torch.compile of the decode step): same greedy images and answer. ~1 min."""
+    eager = zuoyou.api.load(tiny_dir, device="cpu")
+    compiled = zuoyou.api.load(tiny_dir, device="cpu", compile=True)
+    a, b = eager.generate("a red circle", n=2, temperature=0), compiled.generate("a red circle", n=2, temperature=0)
+    assert same(a, b)
+    assert eager.ask(a[0], "What color?", max_new_tokens=4) == compiled.ask(a[0], "What color?", max_new_tokens=4)

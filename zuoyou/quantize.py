@@ -1,0 +1,158 @@
+"""Weight-only int8 quantisation of the LM linears and the two heads, applied from outside the model.
+
+``quantize_model(model, "int8")`` swaps, in place, every ``nn.Linear`` of the LLaMA decoder layers,
+the text head (``lm_head``) and the image head (``gen_head``) for an ``Int8Linear``: int8 weights
+with one symmetric scale per output channel (``w ~ q * s``, ``s = absmax / 127``). The model code is
+untouched; the vision tower, the aligners, the embeddings and the VQ stay in the model's dtype.
+
+Why our own module rather than torchao (measured on this repo's CPU, see ``benchmarks/README.md``):
+torchao 0.18's ``Int8WeightOnlyConfig`` installs and runs on CPU, but its linear is slower than
+the plain bf16 ``F.linear`` it replaces, while ``torch._weight_int8pack_mm`` (ATen's CPU/CUDA/MPS
+kernel behind gpt-fast's int8 path) is ~1.8x faster than bf16 for decode-sized inputs.
+
+Kernel choice per call, by the number of rows ``M`` (tokens x batch) of the input:
+- ``M <= PACK_MAX_ROWS`` (decode steps): ``_weight_int8pack_mm``. It reads the int8 weights once
+  per block of 4 rows, so it wins for the 1-4 row steps of single requests and becomes slower than
+  bf16 from ~8 rows (CFG batch of 4 images) on;
+- larger ``M`` (prefill): dequantise to the compute dtype and run one GEMM (compute-bound anyway).
+The kernel needs the input feature count to be a multiple of 16 (other sizes crash or return
+garbage on CPU); such layers always take the dequantising path.
+
+The activations of an ``Int8Linear`` are bf16 (fp16 for an fp16 model): the kernel's fp32 path is
+10-20x slower on CPU. So ``quantize="int8"`` on an fp32 model runs its quantised matmuls in bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+MODES = ("int8",)
+PACK_MAX_ROWS = 16  # above this, dequantise + GEMM is faster than the int8 matrix-vector kernel
+
+
+class Int8Linear(nn.Module):
+    """``y = (x @ q.T) * s + b`` with int8 ``q`` (out, in) and per-output-channel scales ``s``."""
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8.contiguous())
+        self.register_buffer("scales", scales.contiguous())  # (out,) in the compute dtype
+        self.register_buffer("bias", None if bias is None else bias.to(scales.dtype).contiguous())
+        self.packable = self.in_features % 16 == 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        w = linear.weight.detach()
+        compute = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
+        w32 = w.float()
+        # the scale is stored in the compute dtype: quantise against the rounded value it will have
+        scales = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(compute)
+        q = torch.round(w32 / scales.float()[:, None]).clamp_(-128, 127).to(torch.int8)
+        del w32
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(q, scales, bias)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_int8.to(self.compute_dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.packable and x2.shape[0] <= PACK_MAX_ROWS:
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scales)
+        else:
+            y = F.linear(x2, self.weight_int8.to(self.compute_dtype)) * self.scales
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"
+
+
+def quantize_linears(module: nn.Module) -> int:
+    """Replace every ``nn.Linear`` below ``module`` (or ``module`` itself's children) in place; returns the count."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8Linear.from_linear(child))
+            n += 1
+        else:
+            n += quantize_linears(child)
+    return n
+
+
+def check_mode(mode: str | None) -> str | None:
+    """The normalised mode (None = no quantisation); a ConfigError naming the choices otherwise."""
+    if mode is None or str(mode).lower() in ("none", ""):
+        return None
+    if str(mode).lower() not in MODES:
+        raise ConfigError(f"quantize={mode!r}: use one of {', '.join(MODES)} (or none)")
+    return str(mode).lower()
+
+
+def quantize_model(model, mode: str | None):
+    """Quantise a ``Janus`` in place: decoder-layer linears, ``lm_head`` and ``gen_head``. Returns the model.
+
+    ``mode``: None / "none" (no-op) or "int8". The text head is quantised separately from a tied
+    ``embed_tokens`` (the embedding table stays in float).
+    """
+    if check_mode(mode) is None:
+        return model
+    lm = model.language_model
+    quantize_linears(lm.model.layers)
+    lm.lm_head = Int8Linear.from_linear(lm.lm_head)
+    quantize_linears(model.gen_head)
+    return model
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers below ``module`` (int8 weights + scales counted as stored)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ quality guard
+@torch.inference_mode()
+def image_code_logits(model, prompt_ids: torch.Tensor, uncond_ids: torch.Tensor, codes: torch.Tensor,
+                      cfg: float = 5.0) -> torch.Tensor:
+    """Teacher-forced next-code logits after CFG, one full forward: (T,) codes -> (T, K) float32.
+
+    Row ``t`` is the distribution the sampler draws code ``t`` from, given the prompt and ``codes[:t]``.
+    """
+    dtype = model.language_model.model.embed_tokens.weight.dtype
+    rows = torch.stack([prompt_ids, uncond_ids])  # (2, L)
+    x = torch.cat([model.embed_text(rows), model.embed_image_codes(codes[:-1].expand(2, -1))], dim=1).to(dtype)
+    logits = model.image_logits(model.hidden(x)[:, rows.shape[1] - 1:]).float()  # (2, T, K)
+    return logits[1] + cfg * (logits[0] - logits[1])
+
+
+@torch.inference_mode()
+def text_logits(model, ids: torch.Tensor, pixels: torch.Tensor, image_id: int, answer: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced next-token logits of ``answer`` (N,) after the understanding prompt ``ids`` (L,): (N, V)."""
+    dtype = model.language_model.model.embed_tokens.weight.dtype
+    full = torch.cat([ids, answer[:-1]])[None]
+    x = model.prepare_inputs_embeds(full, pixels.to(dtype), full == image_id).to(dtype)
+    return model.text_logits(model.hidden(x)[:, ids.numel() - 1:]).float()[0]
+
+
+def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict:
+    """KL(ref || test) per position (mean, max, in nats) and greedy (argmax) agreement."""
+    p, q = ref.float().log_softmax(-1), test.float().log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1).clamp(min=0)
+    agree = (ref.argmax(-1) == test.argmax(-1)).float().mean()
+    return {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(), "greedy_agreement": agree.item()}
