@@ -3,11 +3,11 @@
     python benchmarks/bench_generate.py --config tiny                 # seconds
     python benchmarks/bench_generate.py --config janus-pro-1b --steps 64
 
-One random ``JanusForConditionalGeneration`` of the chosen size is built (transformers' own init,
-bf16), saved in the transformers layout and, through ``zuoyou.convert.hf_to_official``, in the
-official layout; every mode then runs in its own subprocess on those weights (fp32 modes upcast the
-same bf16 values): zuoyou fp32 / bf16 / int8 (int8 weights, bf16 activations) [/ int8-fp32, and
-"+compile" variants], the port in fp32 / bf16. Per mode:
+A random ``JanusForConditionalGeneration`` of the chosen size (transformers' own init, bf16) is saved
+in the transformers layout and, via ``zuoyou.convert.hf_to_official``, in the official layout; each
+mode runs in its own subprocess on those weights (fp32 modes upcast the same bf16 values): zuoyou
+fp32 / bf16 / int8 (int8 weights, bf16 activations) [/ int8-fp32, "+compile" variants], the port
+in fp32 / bf16. Per mode:
 - text-to-image, CFG 5, temperature 1, n = 1 and 4 images: prefill, ms per decode step (timed
   between calls of the image head, one head call per step), VQ decode of n images;
   s/image = (prefill + (T-1) steps + VQ decode) / n, extrapolated from ``--steps K`` steps when
@@ -50,7 +50,9 @@ DEFAULT_MODES = "fp32,bf16,int8,hf-fp32,hf-bf16"
 
 
 def hwm_mb() -> float:
-    for line in open("/proc/self/status"):
+    """Peak RSS so far: VmHWM (Linux), else ru_maxrss (KiB on Linux, bytes on macOS: Linux assumed)."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.is_file() else []:
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -58,10 +60,19 @@ def hwm_mb() -> float:
 
 def reset_hwm() -> bool:
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
         return True
     except OSError:
         return False
+
+
+def machine() -> str:
+    """CPU model, cores and the matmul-relevant ISA flags (Linux), for the report."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(isa)}; torch {torch.__version__}"
 
 
 def measure_bandwidth(mb: int = 512) -> float:
@@ -106,7 +117,7 @@ def make_checkpoint(name: str, work: Path, seed: int = 0) -> None:
     from safetensors.torch import save_file
     from transformers import JanusForConditionalGeneration
 
-    from zuoyou.config import JanusConfig
+    from zuoyou.config import JanusConfig, get_config
     from zuoyou.convert import hf_config_to_official, hf_to_official
     from zuoyou.tokenizer import train_tokenizer
 
@@ -122,35 +133,29 @@ def make_checkpoint(name: str, work: Path, seed: int = 0) -> None:
     save_file(sd, str(ours / "model.safetensors"), metadata={"format": "pt"})
     official = hf_config_to_official(hf.config.to_dict())
     official["torch_dtype"] = "bfloat16"
-    JanusConfig.from_dict(official).save(ours / "config.json")
+    config = JanusConfig.from_dict(official)
+    assert name == "tiny" or (config.lm, config.vq) == (get_config(name).lm, get_config(name).vq), "sizes differ"
+    config.save(ours / "config.json")
     for d in (ours, work / "hf"):
         tok.save(str(d / "tokenizer.json"))
 
 
 # ---------------------------------------------------------------------------------------------- timing
 class Stop(Exception):
-    pass
-
-
-class Clock:
-    """Wraps a head: records the time of each call, raises Stop on call ``limit + 1``."""
-
-    def __init__(self, limit: int | None):
-        self.t, self.limit = [], limit
-
-    def wrap(self, fn):
-        def timed(*a, **k):
-            self.t.append(time.perf_counter())
-            if self.limit is not None and len(self.t) > self.limit:
-                raise Stop
-            return fn(*a, **k)
-        return timed
+    """Raised by a timed head on its call ``limit + 1``: ends a run after ``limit`` decode steps."""
 
 
 def timed(call, owner, attr: str, limit: int | None) -> dict:
-    """Run ``call`` with ``owner.attr`` timed; prefill = start -> first head call; steps between calls."""
-    clock = Clock(limit)
-    setattr(owner, attr, clock.wrap(getattr(owner, attr)))
+    """Run ``call`` with the head ``owner.attr`` timed: prefill = start -> first head call, then one step
+    between consecutive head calls (one head call per generated token)."""
+    stamps, head = [], getattr(owner, attr)
+
+    def hooked(*a, **k):
+        stamps.append(time.perf_counter())
+        if limit is not None and len(stamps) > limit:
+            raise Stop
+        return head(*a, **k)
+    setattr(owner, attr, hooked)
     t0 = time.perf_counter()
     try:
         call()
@@ -159,10 +164,9 @@ def timed(call, owner, attr: str, limit: int | None) -> dict:
         complete = False
     finally:
         delattr(owner, attr)  # the instance attribute shadowed the method
-    wall = time.perf_counter() - t0
-    n = len(clock.t) - 1
-    return {"prefill_s": clock.t[0] - t0, "step_ms": (clock.t[-1] - clock.t[0]) / max(n, 1) * 1e3, "steps_timed": n,
-            "heads": len(clock.t), "complete": complete, "wall_s": wall}
+    wall, n = time.perf_counter() - t0, len(stamps) - 1
+    return {"prefill_s": stamps[0] - t0, "step_ms": (stamps[-1] - stamps[0]) / max(n, 1) * 1e3, "steps_timed": n,
+            "heads": len(stamps), "complete": complete, "wall_s": wall}
 
 
 def kv_bytes(lm_cfg, rows: int, slots: int, dtype: torch.dtype) -> int:
@@ -175,54 +179,57 @@ def test_image(size: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------- workers
+def measure(a: dict, T: int, K: int, gen, image_head, decode, ask, text_head, step_bytes, und_bytes, after=None):
+    """The same measurements for both engines: text-to-image per batch size n, then understanding."""
+    out = {}
+    for n in a["batches"]:
+        t = time.perf_counter()
+        timed(lambda: gen(n), *image_head, 2)  # warm-up (and the compilation of "+compile" modes)
+        after and after()
+        warm = time.perf_counter() - t
+        r = timed(lambda: gen(n), *image_head, None if a["steps"] >= T - 1 else a["steps"])
+        after and after()
+        codes = torch.randint(0, K, (n, T), generator=torch.Generator().manual_seed(0))
+        t = time.perf_counter()
+        decode(codes)
+        out[f"t2i_{n}"] = dict(r, warmup_s=warm, vq_s=time.perf_counter() - t, tokens=T, bytes_per_step=step_bytes(n))
+    out["und"] = dict(timed(ask, *text_head, None), bytes_per_step=und_bytes)
+    out["rss_run_mb"] = hwm_mb()
+    return out
+
+
 def run_zuoyou(mode: str, a: dict, work: Path) -> dict:
     import zuoyou.api
     from zuoyou.processor import Message
-    from zuoyou.quantize import image_code_logits, text_logits, weight_bytes
+    from zuoyou.quantize import image_code_logits, text_logits, weight_bytes as wb
 
-    base, compiled = mode.removesuffix("+compile"), mode.endswith("+compile")
-    dtype, quant = ZUOYOU[base]
+    compiled = mode.endswith("+compile")
+    dtype, quant = ZUOYOU[mode.removesuffix("+compile")]
     t = time.perf_counter()
     pipe = zuoyou.api.load(work / "zuoyou", device="cpu", dtype=dtype, quantize=quant, compile=compiled)
-    out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb()}
-    out["rss_reset"] = reset_hwm()
+    out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb(), "rss_reset": reset_hwm()}
     engine, m, cfg = pipe.engine, pipe.engine.model, pipe.config
-    lm, T = m.language_model, cfg.vq.num_tokens
-    L = len(engine.processor.generation_ids(PROMPT))
-    step_weights = weight_bytes(lm.model.layers) + weight_bytes(lm.model.norm) + weight_bytes(m.gen_head) \
-        + weight_bytes(m.gen_aligner)
-    for n in a["batches"]:
-        def gen(n=n):
-            return pipe.generate(PROMPT, n=n, cfg=5.0, temperature=1.0, seed=0)
-        t = time.perf_counter()
-        timed(gen, m, "image_logits", 2)  # warm-up (and the compilation of "+compile" modes)
-        lm.clear_cache()
-        warm = time.perf_counter() - t
-        r = timed(gen, m, "image_logits", None if a["steps"] >= T - 1 else a["steps"])
-        lm.clear_cache()
-        codes = torch.randint(0, cfg.image_token_size, (n, T), generator=torch.Generator().manual_seed(0))
-        t = time.perf_counter()
-        engine._decode(codes)
-        r.update(warmup_s=warm, vq_s=time.perf_counter() - t, tokens=T,
-                 bytes_per_step=step_weights + kv_bytes(cfg.lm, 2 * n, L + T, engine.dtype))
-        out[f"t2i_{n}"] = r
+    lm, T, proc = m.language_model, cfg.vq.num_tokens, engine.processor
+    gids = torch.tensor(proc.generation_ids(PROMPT))
     img = test_image(cfg.vision.image_size)
-    ids, px = engine.processor.understanding_inputs([Message("user", QUESTION, [img])])
-    r = timed(lambda: pipe.ask(img, QUESTION, max_new_tokens=a["new_tokens"], temperature=0), m, "text_logits", None)
-    r["bytes_per_step"] = weight_bytes(lm.model.layers) + weight_bytes(lm.model.norm) + weight_bytes(lm.lm_head) \
-        + kv_bytes(cfg.lm, 1, len(ids) + a["new_tokens"], engine.dtype)
-    out["und"] = r
-    out["rss_run_mb"] = hwm_mb()
+    ids, px = proc.understanding_inputs([Message("user", QUESTION, [img])])
+    if compiled:  # compile the text decode step (for this very shape) before timing it
+        pipe.ask(img, QUESTION, max_new_tokens=a["new_tokens"], temperature=0)
+    layers = wb(lm.model.layers) + wb(lm.model.norm)
+    out.update(measure(
+        a, T, cfg.image_token_size, lambda n: pipe.generate(PROMPT, n=n, cfg=5.0, temperature=1.0, seed=0),
+        (m, "image_logits"), engine._decode,
+        lambda: pipe.ask(img, QUESTION, max_new_tokens=a["new_tokens"], temperature=0), (m, "text_logits"),
+        lambda n: layers + wb(m.gen_head) + wb(m.gen_aligner) + kv_bytes(cfg.lm, 2 * n, len(gids) + T, engine.dtype),
+        layers + wb(lm.lm_head) + kv_bytes(cfg.lm, 1, len(ids) + a["new_tokens"], engine.dtype),
+        after=lm.clear_cache))  # a run stopped after K steps leaves its cache behind
     if not compiled and a["quality_tokens"]:
         g = torch.Generator().manual_seed(1)
-        q = min(T, a["quality_tokens"])
-        codes = torch.randint(0, cfg.image_token_size, (q,), generator=g)
+        codes = torch.randint(0, cfg.image_token_size, (min(T, a["quality_tokens"]),), generator=g)
         answer = torch.randint(10, cfg.lm.vocab_size, (a["new_tokens"],), generator=g)
-        gids = torch.tensor(engine.processor.generation_ids(PROMPT))
-        un = torch.tensor(engine.processor.uncond_ids(gids.tolist()))
+        un = torch.tensor(proc.uncond_ids(gids.tolist()))
         torch.save({"image": image_code_logits(m, gids, un, codes),
-                    "text": text_logits(m, torch.tensor(ids), px, engine.processor.image_id, answer)},
-                   work / f"quality-{mode}.pt")
+                    "text": text_logits(m, torch.tensor(ids), px, proc.image_id, answer)}, work / f"quality-{mode}.pt")
     return out
 
 
@@ -232,14 +239,13 @@ def run_hf(mode: str, a: dict, work: Path) -> dict:
 
     from zuoyou.loading import read_config
     from zuoyou.processor import Message, Processor
-    from zuoyou.quantize import weight_bytes
+    from zuoyou.quantize import weight_bytes as wb
 
     transformers.logging.set_verbosity_error()
     dtype = HF[mode]
     t = time.perf_counter()
     hf = JanusForConditionalGeneration.from_pretrained(work / "hf", dtype=dtype, attn_implementation="sdpa").eval()
-    out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb()}
-    out["rss_reset"] = reset_hwm()
+    out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb(), "rss_reset": reset_hwm()}
     cfg, _ = read_config(work / "zuoyou")
     proc = Processor.from_folder(work / "zuoyou", cfg.vision.num_patches, cfg.vision.image_size)
     gc = hf.generation_config
@@ -248,36 +254,23 @@ def run_hf(mode: str, a: dict, work: Path) -> dict:
     gc.generation_kwargs = {"boi_token_id": proc.image_start}  # what the port's image generate() reads
     T, head, lmod = cfg.vq.num_tokens, hf.model.generation_head, hf.model.language_model
     ids = torch.tensor([proc.generation_ids(PROMPT)])
-    step_weights = weight_bytes(lmod.layers) + weight_bytes(lmod.norm) + weight_bytes(head) \
-        + weight_bytes(hf.model.generation_aligner)
-    with torch.inference_mode():
-        for n in a["batches"]:
-            def gen(n=n):
-                torch.manual_seed(0)
-                return hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                                   do_sample=True, temperature=1.0, guidance_scale=5.0, num_return_sequences=n)
-            t = time.perf_counter()
-            timed(gen, head, "forward", 2)
-            warm = time.perf_counter() - t
-            r = timed(gen, head, "forward", None if a["steps"] >= T - 1 else a["steps"])
-            codes = torch.randint(0, cfg.image_token_size, (n, T), generator=torch.Generator().manual_seed(0))
-            t = time.perf_counter()
-            hf.decode_image_tokens(codes)
-            r.update(warmup_s=warm, vq_s=time.perf_counter() - t, tokens=T,
-                     bytes_per_step=step_weights + kv_bytes(cfg.lm, 2 * n, ids.shape[1] + T, dtype))
-            out[f"t2i_{n}"] = r
-        img = test_image(cfg.vision.image_size)
-        uids, px = proc.understanding_inputs([Message("user", QUESTION, [img])])
-        uids = torch.tensor([uids])
+    uids, px = proc.understanding_inputs([Message("user", QUESTION, [test_image(cfg.vision.image_size)])])
+    uids = torch.tensor([uids])
 
-        def ask():
-            hf.generate(input_ids=uids, pixel_values=px.to(dtype), attention_mask=torch.ones_like(uids),
-                        max_new_tokens=a["new_tokens"], do_sample=False)
-        r = timed(ask, hf.lm_head, "forward", None)
-    r["bytes_per_step"] = weight_bytes(lmod.layers) + weight_bytes(lmod.norm) + weight_bytes(hf.lm_head) \
-        + kv_bytes(cfg.lm, 1, uids.shape[1] + a["new_tokens"], dtype)
-    out["und"] = r
-    out["rss_run_mb"] = hwm_mb()
+    def gen(n):
+        torch.manual_seed(0)
+        hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=True,
+                    temperature=1.0, guidance_scale=5.0, num_return_sequences=n)
+
+    def ask():
+        hf.generate(input_ids=uids, pixel_values=px.to(dtype), attention_mask=torch.ones_like(uids),
+                    max_new_tokens=a["new_tokens"], do_sample=False)
+    layers = wb(lmod.layers) + wb(lmod.norm)
+    with torch.inference_mode():
+        out.update(measure(
+            a, T, cfg.image_token_size, gen, (head, "forward"), hf.decode_image_tokens, ask, (hf.lm_head, "forward"),
+            lambda n: layers + wb(head) + wb(hf.model.generation_aligner) + kv_bytes(cfg.lm, 2 * n, ids.shape[1] + T, dtype),
+            layers + wb(hf.lm_head) + kv_bytes(cfg.lm, 1, uids.shape[1] + a["new_tokens"], dtype)))
     return out
 
 
@@ -291,52 +284,54 @@ def worker(mode: str, work: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def per_image(r: dict) -> float:
+def per_image(r: dict, n: int) -> float:
     """Seconds per image: prefill + (T-1) decode steps + VQ decode, over the n images of the call."""
-    return (r["prefill_s"] + (r["tokens"] - 1) * r["step_ms"] / 1e3 + r["vq_s"]) / r["n"]
+    return (r["prefill_s"] + (r["tokens"] - 1) * r["step_ms"] / 1e3 + r["vq_s"]) / n
+
+
+def same_dtype_port(mode: str) -> str:
+    return "hf-fp32" if mode.startswith(("fp32", "int8-fp32", "hf-fp32")) else "hf-bf16"
 
 
 def report(results: dict, bw: float, batches: list[int]) -> str:
-    ref = next((results[m] for m in ("hf-bf16", "hf-fp32") if "error" not in results.get(m, {"error": 1})), None)
-    head = ["mode", "load s"]
-    for n in batches:
-        head += [f"n={n} prefill s", f"n={n} ms/step", f"n={n} floor ms", f"n={n} s/image", f"n={n} vs HF bf16"]
-    head += ["und prefill s", "und ms/token", "und floor ms", "RSS load / run MB"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ok = {m: r for m, r in results.items() if "error" not in r}
+    t2i = ["| mode | n | prefill s | ms/step | floor ms/step | step / floor | s/image | vs HF bf16 | vs HF same dtype |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    und = ["| mode | load s | und prefill s | und ms/token | floor ms/token | tokens | peak RSS load MB "
+           "| peak RSS run MB |", "|---|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
-        if "error" in r:
-            rows.append(f"| {mode} | failed: {r['error']} |")
+        if mode not in ok:
+            t2i.append(f"| {mode} | failed: {r['error']} |")
             continue
-        cells = [mode, f"{r['load_s']:.1f}"]
         for n in batches:
             t = r[f"t2i_{n}"]
-            t["n"] = n
             floor = t["bytes_per_step"] / bw / 1e6
-            cells += [f"{t['prefill_s']:.2f}", f"{t['step_ms']:.1f}", f"{floor:.1f}", f"{per_image(t):.2f}",
-                      f"{per_image(dict(ref[f't2i_{n}'], n=n)) / per_image(t):.2f}x" if ref else "-"]
+            vs = [f"{per_image(ok[p][f't2i_{n}'], n) / per_image(t, n):.2f}x" if p in ok else "-"
+                  for p in ("hf-bf16", same_dtype_port(mode))]
+            t2i.append(f"| {mode} | {n} | {t['prefill_s']:.3g} | {t['step_ms']:.3g} | {floor:.3g} | "
+                       f"{t['step_ms'] / floor:.2f} | {per_image(t, n):.3g} | {vs[0]} | {vs[1]} |")
         u = r["und"]
-        cells += [f"{u['prefill_s']:.2f}", f"{u['step_ms']:.1f}", f"{u['bytes_per_step'] / bw / 1e6:.1f}",
-                  f"{r['rss_load_mb']:.0f} / {r['rss_run_mb']:.0f}"]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        und.append(f"| {mode} | {r['load_s']:.1f} | {u['prefill_s']:.3g} | {u['step_ms']:.3g} | "
+                   f"{u['bytes_per_step'] / bw / 1e6:.3g} | {u['heads']} | {r['rss_load_mb']:.0f} | "
+                   f"{r['rss_run_mb']:.0f}{'' if r['rss_reset'] else ' (not reset)'} |")
+    return "\n".join(t2i) + "\n\n" + "\n".join(und)
 
 
 def quality(work: Path) -> str:
     from zuoyou.quantize import compare_logits
 
     if not (work / "quality-fp32.pt").is_file():
-        return "(no fp32 reference: run the fp32 mode for the quality guard)"
+        return "(no quality guard: it needs the fp32 mode as reference)"
     ref = torch.load(work / "quality-fp32.pt")
     rows = ["| mode vs fp32 | image KL mean | image KL max | image greedy agreement | text KL mean | text KL max "
             "| text greedy agreement |", "|---|---|---|---|---|---|---|"]
     for f in sorted(work.glob("quality-*.pt")):
         mode = f.stem.removeprefix("quality-")
-        if mode == "fp32":
-            continue
-        got = torch.load(f)
-        i, t = compare_logits(ref["image"], got["image"]), compare_logits(ref["text"], got["text"])
-        rows.append(f"| {mode} | {i['kl_mean']:.2e} | {i['kl_max']:.2e} | {i['greedy_agreement']:.3f} | "
-                    f"{t['kl_mean']:.2e} | {t['kl_max']:.2e} | {t['greedy_agreement']:.3f} |")
+        if mode != "fp32":
+            got = torch.load(f)
+            i, t = compare_logits(ref["image"], got["image"]), compare_logits(ref["text"], got["text"])
+            rows.append(f"| {mode} | {i['kl_mean']:.2e} | {i['kl_max']:.2e} | {i['greedy_agreement']:.3f} | "
+                        f"{t['kl_mean']:.2e} | {t['kl_max']:.2e} | {t['greedy_agreement']:.3f} |")
     return "\n".join(rows)
 
 
@@ -349,12 +344,12 @@ def main(argv=None) -> int:
     p.add_argument("--skip-hf", action="store_true", help="drop the transformers modes")
     p.add_argument("--batches", default="1,4", help="images per text-to-image call (default 1,4)")
     p.add_argument("--new-tokens", type=int, default=32, help="understanding: new tokens (default 32)")
-    p.add_argument("--quality-tokens", type=int, default=576, help="teacher-forced image codes for the quality guard "
-                   "(0 = skip it; default 576 = a whole image)")
+    p.add_argument("--quality-tokens", type=int, default=576, help="teacher-forced image codes of the quality guard "
+                   "(0 = no guard; default 576, a whole image)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
-    p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary folder, removed)")
-    p.add_argument("--keep", action="store_true", help="keep the work folder (reused by a later --workdir run)")
-    p.add_argument("--out", default=None, help="write all numbers to this JSON file")
+    p.add_argument("--workdir", default=None, help="folder for the checkpoints, kept and reused (default: a "
+                   "temporary folder, removed)")
+    p.add_argument("--out", default=None, help="also write all numbers to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -368,45 +363,52 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="zuoyou-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    bw = measure_bandwidth()
-    print(f"read bandwidth: {bw:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
-    if not (work / "zuoyou" / "model.safetensors").is_file() or not (work / "hf" / "config.json").is_file():
-        print(f"building a random {args.config} (transformers' init) ...", flush=True)
-        make_checkpoint(args.config, work)
-    build_s = time.perf_counter() - t
-    batches = [int(b) for b in args.batches.split(",")]
-    (work / "args.json").write_text(json.dumps({"steps": args.steps or 10**9, "batches": batches,
-                                                "new_tokens": args.new_tokens, "threads": args.threads,
-                                                "quality_tokens": args.quality_tokens}))
-    results = {}
-    for mode in modes:
+    try:
         t = time.perf_counter()
-        print(f"{mode} ...", end=" ", flush=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--workdir", str(work)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        res = work / f"result-{mode}.json"
-        if proc.returncode != 0 or not res.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            results[mode] = {"error": f"exit {proc.returncode}: {' / '.join(tail)}"}
-            print("failed:", "\n".join(tail))
-            continue
-        results[mode] = json.loads(res.read_text())
-        res.unlink()
-        print(f"{time.perf_counter() - t:.0f} s", flush=True)
-    steps = args.steps
-    T = next((r["t2i_1"]["tokens"] for r in results.values() if "t2i_1" in r), None)
-    note = (f"`--steps {steps}`: ms/step measured over {steps} decode steps, s/image extrapolated to {T} tokens"
-            if steps and T and steps < T - 1 else "all decode steps timed")
-    print(f"\n{args.config}, {note}; read bandwidth {bw:.1f} GB/s; setup {build_s:.0f} s\n")
-    print(report(results, bw, batches))
-    q = quality(work)
-    print("\n" + q)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"config": args.config, "steps": steps, "bandwidth_gbs": bw,
-                                              "results": results, "quality": q}, indent=1))
-    if not args.workdir or not args.keep:
-        shutil.rmtree(work, ignore_errors=True) if not args.workdir else [f.unlink() for f in work.glob("quality-*.pt")]
+        bw = measure_bandwidth()
+        print(f"read bandwidth: {bw:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
+        if not (work / "zuoyou" / "model.safetensors").is_file() or not (work / "hf" / "config.json").is_file():
+            print(f"building a random {args.config} (transformers' init) ...", flush=True)
+            make_checkpoint(args.config, work)
+        setup_s = time.perf_counter() - t
+        batches = [int(b) for b in args.batches.split(",")]
+        (work / "args.json").write_text(json.dumps({"steps": args.steps or 10**9, "batches": batches,
+                                                    "new_tokens": args.new_tokens, "threads": args.threads,
+                                                    "quality_tokens": args.quality_tokens}))
+        results = {}
+        for mode in modes:
+            t = time.perf_counter()
+            print(f"{mode} ...", end=" ", flush=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--workdir", str(work)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            res = work / f"result-{mode}.json"
+            if proc.returncode != 0 or not res.is_file():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                results[mode] = {"error": f"exit {proc.returncode}: {' / '.join(tail)}"}
+                print("failed:", "\n".join(tail))
+                continue
+            results[mode] = json.loads(res.read_text())
+            res.unlink()
+            print(f"{time.perf_counter() - t:.0f} s", flush=True)
+        T = next((r[f"t2i_{batches[0]}"]["tokens"] for r in results.values() if "error" not in r), 0)
+        timed_steps = "all decode steps timed" if not args.steps or args.steps >= T - 1 else (
+            f"--steps {args.steps}: ms/step measured over {args.steps} decode steps, s/image extrapolated to {T} "
+            f"image tokens")
+        print(f"\n{machine()}\n{args.config}; {timed_steps}; read bandwidth {bw:.1f} GB/s; "
+              f"{torch.get_num_threads()} threads; setup {setup_s:.0f} s\n")
+        print(report(results, bw, batches))
+        q = quality(work) if args.quality_tokens else "(quality guard skipped)"
+        print("\n" + q)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"config": args.config, "steps": args.steps, "bandwidth_gbs": bw,
+                                                  "machine": machine(), "threads": torch.get_num_threads(),
+                                                  "results": results, "quality": q}, indent=1))
+    finally:
+        if args.workdir:
+            for f in work.glob("quality-*.pt"):
+                f.unlink()
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

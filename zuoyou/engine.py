@@ -236,7 +236,8 @@ class Engine:
             for b, t in enumerate(step):
                 if t is not None:
                     outs[b].append(t)
-        return [self.processor.decode(o) for o in outs]
+        # the template puts a space after "<|Assistant|>:", so answers begin with one: not part of the answer
+        return [self.processor.decode(o).lstrip() for o in outs]
 
     def stream_text(self, request: TextRequest) -> Iterator[str]:
         """Text pieces of one answer as they are decoded (byte-level merges handled)."""
@@ -245,7 +246,7 @@ class Engine:
             if step[0] is None:
                 continue
             ids.append(step[0])
-            text = self.processor.decode(ids)
+            text = self.processor.decode(ids).lstrip()
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
                 continue
             if len(text) > len(sent):

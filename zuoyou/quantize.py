@@ -24,6 +24,8 @@ The activations of an ``Int8Linear`` are bf16 (fp16 for an fp16 model): the kern
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,14 +48,18 @@ class Int8Linear(nn.Module):
         self.packable = self.in_features % 16 == 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, rows: int = 2048) -> "Int8Linear":
+        """Quantise ``rows`` output channels at a time (bounded fp32 temporaries: lm_head is 102400 x 2048)."""
         w = linear.weight.detach()
         compute = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
-        w32 = w.float()
-        # the scale is stored in the compute dtype: quantise against the rounded value it will have
-        scales = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(compute)
-        q = torch.round(w32 / scales.float()[:, None]).clamp_(-128, 127).to(torch.int8)
-        del w32
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scales = torch.empty(w.shape[0], dtype=compute, device=w.device)
+        for i in range(0, w.shape[0], rows):
+            w32 = w[i:i + rows].float()
+            # the scale is stored in the compute dtype: quantise against the rounded value it will have
+            s = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(compute)
+            q[i:i + rows] = torch.round(w32 / s.float()[:, None]).clamp_(-128, 127)
+            scales[i:i + rows] = s
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(q, scales, bias)
 
@@ -112,7 +118,21 @@ def quantize_model(model, mode: str | None):
     quantize_linears(lm.model.layers)
     lm.lm_head = Int8Linear.from_linear(lm.lm_head)
     quantize_linears(model.gen_head)
+    own_storage(model)
     return model
+
+
+def own_storage(module: nn.Module) -> None:
+    """Give every remaining float tensor its own memory (one tensor at a time).
+
+    A safetensors checkpoint loaded without a dtype change leaves the weights in one memory-mapped
+    file: the float weights replaced by int8 ones stay mapped, and resident once read, as long as
+    any other tensor of that file lives. Copying the others releases the whole mapping.
+    """
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            t.data = t.data.clone()
+    gc.collect()  # the file mapping may sit in a reference cycle
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -27,8 +27,9 @@ from ..processor import Message, Processor
 class Example:
     ids: list[int]  # prompt (+ answer) token ids, BOS first
     loss_from: int  # first position whose token is a training target (answer start); len(ids) = none
-    image: torch.Tensor | None = None  # (3, S, S) understanding image, in [-1, 1]
+    image: torch.Tensor | None = None  # (3, S, S) understanding image, or (N, 3, S, S) several, in [-1, 1]
     codes: torch.Tensor | None = None  # (T,) VQ codes to generate after ids (ids end with <begin_of_image>)
+    loss_mask: list[bool] | None = None  # per id: is it a target? (multi-turn: the assistant turns); overrides loss_from
 
 
 def understanding_example(proc: Processor, question: str, answer: str, image=None, system: str = "") -> Example:
@@ -38,10 +39,11 @@ def understanding_example(proc: Processor, question: str, answer: str, image=Non
     return Example(prompt + answer_ids, len(prompt), image=image)
 
 
-def generation_example(proc: Processor, prompt: str | None, codes: torch.Tensor) -> Example:
-    """``prompt=None`` gives the CFG unconditional prompt, exactly as inference builds it."""
-    ids = proc.generation_ids(prompt if prompt is not None else "x")
-    if prompt is None:
+def generation_example(proc: Processor, prompt: str, codes: torch.Tensor, drop: bool = False) -> Example:
+    """``drop=True`` (CFG prompt dropout) gives the unconditional prompt exactly as inference builds
+    it from this prompt: same length, BOS and ``<begin_of_image>`` kept, the rest pad."""
+    ids = proc.generation_ids(prompt)
+    if drop:
         ids = proc.uncond_ids(ids)
     return Example(ids, len(ids), codes=codes)
 
@@ -68,7 +70,10 @@ def collate(examples: list[Example], proc: Processor) -> Batch:
     for b, e in enumerate(examples):
         n = len(e.ids)
         ids[b, :n] = torch.tensor(e.ids)
-        if e.loss_from < n:  # predict ids[loss_from:] from the position before each
+        if e.loss_mask is not None:
+            m = torch.tensor(e.loss_mask[1:], dtype=torch.bool)
+            text_t[b, : n - 1][m] = ids[b, 1:n][m]
+        elif e.loss_from < n:  # predict ids[loss_from:] from the position before each
             text_t[b, e.loss_from - 1: n - 1] = ids[b, e.loss_from: n]
         if e.codes is not None:
             k = len(e.codes)
@@ -76,14 +81,24 @@ def collate(examples: list[Example], proc: Processor) -> Batch:
             code_t[b, n - 1: n + k - 1] = e.codes  # <begin_of_image> predicts code 0, and so on
             codes.append(e.codes)
         if e.image is not None:
-            pixels.append(e.image)
+            pixels.extend(e.image if e.image.dim() == 4 else [e.image])
     und_mask = ids == proc.image_id
     return Batch(ids, text_t, und_mask, torch.stack(pixels) if pixels else None, gen_mask,
                  torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long), code_t)
 
 
-def loss_fn(model: Janus, batch: Batch) -> tuple[torch.Tensor, dict]:
-    """Mean text CE + mean image-code CE (each over its own targets)."""
+def num_targets(examples: list[Example]) -> tuple[int, int]:
+    """(text targets, image-code targets) of the examples, as ``collate`` will set them."""
+    text = sum(sum(e.loss_mask[1:]) if e.loss_mask is not None else max(0, len(e.ids) - e.loss_from) for e in examples)
+    return text, sum(len(e.codes) for e in examples if e.codes is not None)
+
+
+def loss_fn(model: Janus, batch: Batch, norm: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    """Mean text CE + mean image-code CE (each over its own targets).
+
+    ``norm=(text, codes)``: summed CEs divided by these counts instead, the counts of a whole
+    global batch; the losses of its slices (micro-batches, ranks) then add up to its mean loss.
+    """
     x = model.embed_text(batch.ids)
     if batch.pixels is not None:
         x = x.clone()
@@ -95,12 +110,14 @@ def loss_fn(model: Janus, batch: Batch) -> tuple[torch.Tensor, dict]:
     stats, total = {}, 0.0
     tm = batch.text_targets >= 0
     if tm.any():
-        t_loss = F.cross_entropy(model.text_logits(h[tm]).float(), batch.text_targets[tm])
+        t_loss = F.cross_entropy(model.text_logits(h[tm]).float(), batch.text_targets[tm],
+                                 reduction="mean" if norm is None else "sum") / (1 if norm is None else norm[0])
         total = total + t_loss
         stats["text"] = t_loss.item()
     cm = batch.code_targets >= 0
     if cm.any():
-        c_loss = F.cross_entropy(model.image_logits(h[cm]).float(), batch.code_targets[cm])
+        c_loss = F.cross_entropy(model.image_logits(h[cm]).float(), batch.code_targets[cm],
+                                 reduction="mean" if norm is None else "sum") / (1 if norm is None else norm[1])
         total = total + c_loss
         stats["image"] = c_loss.item()
     return total, stats

@@ -1,14 +1,17 @@
 """Atomic training checkpoints: model + optimiser + loop state, resumable after any interruption.
 
 Tensors go to safetensors (model, optimiser state flattened); the small loop state (step, RNG
-states, elapsed time) to JSON. Files are written under temporary names and renamed, so a run
-killed at any instant leaves either the previous or the new checkpoint, never a torn one.
+states, elapsed time) to JSON. Tensors go to new files (``model-<tag>.safetensors``) that only
+the new ``state.json`` names, and ``state.json`` is replaced atomically last: a run killed at any
+instant leaves either the previous or the new checkpoint, never a torn one. Older files are
+removed after the switch. (Checkpoints of the first layout, ``model.safetensors``, still load.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -29,8 +32,9 @@ def save_checkpoint(path, model: torch.nn.Module, opt: torch.optim.Optimizer | N
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = path / "model.safetensors.tmp"
-    save_file(tensors, str(tmp))
+    tag = f"{time.time_ns():x}"
+    files = {"model": f"model-{tag}.safetensors"}
+    save_file(tensors, str(path / files["model"]))
     if opt is not None:
         flat, meta = {}, {}
         osd = opt.state_dict()
@@ -40,16 +44,17 @@ def save_checkpoint(path, model: torch.nn.Module, opt: torch.optim.Optimizer | N
                     flat[f"{pid}.{name}"] = v.contiguous()
                 else:
                     meta[f"{pid}.{name}"] = v
-        otmp = path / "optim.safetensors.tmp"
-        save_file(flat, str(otmp))
+        files["optim"] = f"optim-{tag}.safetensors"
+        save_file(flat, str(path / files["optim"]))
         state["_optim_groups"] = osd["param_groups"]
         state["_optim_meta"] = meta
+    state["_files"] = files
     # RNG states are small tuples of ints: JSON via lists (pickle-free)
     blob = json.dumps(state, default=_jsonable).encode()
-    os.replace(tmp, path / "model.safetensors")
-    if opt is not None:
-        os.replace(otmp, path / "optim.safetensors")
-    _atomic_write_bytes(path / "state.json", blob)
+    _atomic_write_bytes(path / "state.json", blob)  # the switch
+    for f in path.glob("*.safetensors"):
+        if f.name not in files.values():
+            f.unlink(missing_ok=True)
 
 
 def _jsonable(o):
@@ -66,10 +71,11 @@ def _tuplify(x):
 
 def load_checkpoint(path, model: torch.nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
     path = Path(path)
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
     state = json.loads((path / "state.json").read_text())
-    if opt is not None and (path / "optim.safetensors").exists():
-        flat = load_file(str(path / "optim.safetensors"))
+    files = state.pop("_files", {"model": "model.safetensors", "optim": "optim.safetensors"})
+    model.load_state_dict(load_file(str(path / files["model"])))
+    if opt is not None and "optim" in files and (path / files["optim"]).exists():
+        flat = load_file(str(path / files["optim"]))
         st: dict = {}
         for key, v in flat.items():
             pid, name = key.split(".", 1)

@@ -10,6 +10,7 @@ order. The ShapesWorld recipe and ``zuoyou finetune`` both drive this loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -21,8 +22,9 @@ from typing import Callable, Protocol
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .batch import Example, collate, loss_fn
+from .batch import Example, collate, loss_fn, num_targets
 from .checkpoint import exists, load_checkpoint, save_checkpoint
+from .distributed import Parallel
 
 KINDS = ("und", "text", "gen")
 
@@ -37,7 +39,8 @@ class Stage:
     decay: bool = False  # cosine from lr down to 2 % of it over the stage
     mix: tuple[float, float, float] = (1.0, 1.0, 1.0)  # und : text : gen
     frozen: tuple[str, ...] = ("gen_vision_model.",)  # parameter-name prefixes kept frozen
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch of one optimiser step (all ranks, all micro-batches)
+    grad_accum: int = 1  # micro-batches per optimiser step (per rank)
     options: dict = field(default_factory=dict)  # passed to the data source (e.g. simple prompts only)
 
     def progress(self, step: int, elapsed: float) -> float:
@@ -79,9 +82,18 @@ def set_trainable(model: torch.nn.Module, frozen: tuple[str, ...]) -> list[torch
 
 def train(model, stages: list[Stage], data: DataSource, out: Path, seed: int = 0, resume: bool = True,
           on_stage_end: Callable[[Stage], dict] | None = None, log=print, checkpoint_every: float = 120.0,
-          autocast: bool = True, progress: bool = True, max_steps: int | None = None, threads="auto") -> dict:
-    """Run ``stages`` in order; returns the training log. ``max_steps`` stops early (tests)."""
+          autocast: bool = True, progress: bool = True, max_steps: int | None = None, threads="auto",
+          checkpoint_steps: int | None = None, on_step: Callable | None = None, fsdp: bool = False) -> dict:
+    """Run ``stages`` in order; returns the training log. ``max_steps`` stops early (tests).
+
+    ``checkpoint_steps``: also checkpoint every that many steps (deterministic, unlike the clock).
+    ``on_step(stage, step, stats, evaluate)`` after each step; ``evaluate(examples)`` -> mean losses.
+    Under ``torchrun`` the loop runs data-parallel (``zuoyou.train.distributed``; ``fsdp`` shards).
+    """
     ckpt = Path(out) / "checkpoint"
+    par = Parallel(model, fsdp)
+    if par.rank:
+        log, progress = (lambda *a, **k: None), False
     history = {"stages": [], "seed": seed}
     state = {"stage": 0, "step": 0, "elapsed": 0.0, "total_steps": 0}
     rng = random.Random(seed)
@@ -98,12 +110,14 @@ def train(model, stages: list[Stage], data: DataSource, out: Path, seed: int = 0
     model.train()
     for si in range(start, len(stages)):
         st = stages[si]
-        params = set_trainable(model, st.frozen)
+        params = par.wrap(set_trainable(model, st.frozen))
+        if st.batch_size < par.world * st.grad_accum:
+            raise ValueError(f"batch size {st.batch_size} < {par.world} ranks x {st.grad_accum} micro-batches")
         opt = torch.optim.AdamW(params, lr=st.lr, betas=(0.9, 0.95), weight_decay=0.0)
         step, elapsed = (state["step"], state["elapsed"]) if si == start else (0, 0.0)
         if si == start and step and exists(ckpt):
-            load_checkpoint(ckpt, model, opt)
-        t0, last_ckpt = time.time() - elapsed, time.time()
+            par.load_optimizer(ckpt, model, opt)
+        t0, last_ckpt = time.time() - elapsed, elapsed
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -115,18 +129,19 @@ def train(model, stages: list[Stage], data: DataSource, out: Path, seed: int = 0
         if tuner is None and threads:
             torch.set_num_threads(int(threads))
         tuner = tuner or ThreadTuner(enabled=False)
-        while st.progress(step, time.time() - t0) < 1.0:
-            frac = st.progress(step, time.time() - t0)
+
+        def evaluate(examples: list[Example]) -> dict:
+            with torch.no_grad():
+                return run_batch(model, par, examples, data.processor, st, autocast, backward=False)
+
+        while st.progress(step, now := par.rank0_value(time.time() - t0)) < 1.0:
+            frac = st.progress(step, now)
             for g in opt.param_groups:
                 g["lr"] = st.lr_at(step, frac)
             counts = split_counts(st.batch_size, st.mix, rng)
             examples = [e for k in KINDS if counts[k] for e in data.examples(k, counts[k], rng, st)]
-            batch = collate(examples, data.processor)
-            # short sequences: the plain (math) attention kernel trains ~2x faster on CPU than flash
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), sdpa_kernel(SDPBackend.MATH):
-                loss, stats = loss_fn(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            stats = run_batch(model, par, examples, data.processor, st, autocast)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
@@ -137,9 +152,12 @@ def train(model, stages: list[Stage], data: DataSource, out: Path, seed: int = 0
             if bar is not None:
                 bar.set_postfix({k: f"{sum(v[-20:]) / len(v[-20:]):.3f}" for k, v in losses.items()}, refresh=False)
                 bar.update(1 if st.steps else int(time.time() - t0) - bar.n)
-            if time.time() - last_ckpt > checkpoint_every:
-                _save(ckpt, model, opt, rng, history, si, step, time.time() - t0, state)
-                last_ckpt = time.time()
+            if on_step is not None:
+                on_step(st, step, stats, evaluate)
+            now = par.rank0_value(time.time() - t0)
+            if now - last_ckpt > checkpoint_every or (checkpoint_steps and step % checkpoint_steps == 0):
+                _save(ckpt, model, opt, rng, history, si, step, now, state, par)
+                last_ckpt = now
             if max_steps is not None and state["total_steps"] >= max_steps:
                 break
         if bar is not None:
@@ -147,7 +165,7 @@ def train(model, stages: list[Stage], data: DataSource, out: Path, seed: int = 0
         record = {"stage": st.name, "steps": step, "minutes": round((time.time() - t0) / 60, 2),
                   "final_loss": {k: round(sum(v[-50:]) / len(v[-50:]), 4) for k, v in losses.items()}}
         if max_steps is not None and state["total_steps"] >= max_steps:
-            _save(ckpt, model, opt, rng, history, si, step, time.time() - t0, state)
+            _save(ckpt, model, opt, rng, history, si, step, time.time() - t0, state, par)
             return history
         if on_stage_end is not None:
             model.eval()
@@ -155,7 +173,7 @@ def train(model, stages: list[Stage], data: DataSource, out: Path, seed: int = 0
             model.train()
         history["stages"].append(record)
         log(f"stage {st.name} done: {record}")
-        _save(ckpt, model, None, rng, history, si + 1, 0, 0.0, state)
+        _save(ckpt, model, None, rng, history, si + 1, 0, 0.0, state, par)
     model.eval()
     return history
 
@@ -200,7 +218,59 @@ class ThreadTuner:
                     self.trial = 0
 
 
-def _save(ckpt, model, opt, rng, history, stage, step, elapsed, state):
-    save_checkpoint(ckpt, model, opt, stage=stage, step=step, elapsed=elapsed, rng=rng.getstate(),
-                    torch_rng=torch.get_rng_state().tolist(), history=history,
-                    total_steps=state.get("total_steps", 0))
+def run_batch(model, par: Parallel, examples: list[Example], proc, st: Stage, autocast: bool,
+              backward: bool = True) -> dict[str, float]:
+    """Forward (+ backward) one global batch: this rank's slice, in ``st.grad_accum`` micro-batches.
+
+    One process, one micro-batch: the plain mean loss. Otherwise each slice's loss is normalised
+    by the global batch's target counts, so the (averaged) gradients equal the plain ones.
+    """
+    dev = next(model.parameters()).device
+    if par.world == 1 and st.grad_accum == 1 and backward:
+        batch = _to(collate(examples, proc), dev)
+        with _compute(dev, autocast):
+            loss, stats = loss_fn(model, batch)
+        loss.backward()
+        return stats
+    norm = num_targets(examples)
+    mine = examples[par.rank::par.world]
+    micro = [mine[j::st.grad_accum] for j in range(st.grad_accum)]
+    sums: dict[str, float] = {}
+    for j, part in enumerate(micro):
+        # an empty slice (only at the ragged end of an evaluation) still runs, unweighted: every
+        # rank must issue the same collectives
+        part, weight = (part, 1.0) if part else (examples[:1], 0.0)
+        with par.no_sync(backward and j < len(micro) - 1):
+            with _compute(dev, autocast):
+                loss, stats = par.runner(_to(collate(part, proc), dev), norm)
+            if backward:
+                (loss * par.world * weight).backward()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v * weight
+    return par.sum_stats(sums, norm)
+
+
+def _compute(dev: torch.device, autocast: bool) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    if autocast:
+        stack.enter_context(torch.autocast(dev.type, dtype=torch.bfloat16))
+    if dev.type == "cpu":  # short sequences: the plain (math) attention kernel trains ~2x faster on CPU than flash
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
+
+
+def _to(batch, dev: torch.device):
+    if dev.type == "cpu":
+        return batch
+    return type(batch)(**{k: v.to(dev) if torch.is_tensor(v) else v for k, v in vars(batch).items()})
+
+
+def _save(ckpt, model, opt, rng, history, stage, step, elapsed, state, par: Parallel | None = None):
+    if par is not None:  # FSDP: gather full tensors (every rank); only rank 0 writes
+        model, opt = par.full_state(model, opt)
+    if par is None or par.rank == 0:
+        save_checkpoint(ckpt, model, opt, stage=stage, step=step, elapsed=elapsed, rng=rng.getstate(),
+                        torch_rng=torch.get_rng_state().tolist(), history=history,
+                        total_steps=state.get("total_steps", 0))
+    if par is not None:
+        par.barrier()

@@ -39,6 +39,7 @@ from .vq import encode_scenes, reconstruction_parse_rate, scenes_to_tensor, trai
 
 TRAIN_SEED = 1  # evaluation uses other seeds (zuoyou.evals.shapes)
 CFG_DROPOUT = 0.1
+RECON_SHARE = 0.3  # understanding images replaced by their VQ reconstruction
 
 
 def corpus(n: int = 20000, seed: int = TRAIN_SEED):
@@ -70,13 +71,20 @@ class ShapesData:
                     scene = sample_scene(rng, n=1 if simple else None)
                     text = caption(rng, scene)
                 scenes.append(scene)
-                prompts.append(None if rng.random() < CFG_DROPOUT else text)
+                prompts.append((text, rng.random() < CFG_DROPOUT))
             codes = encode_scenes(self.vq, scenes)
-            return [generation_example(proc, p, c) for p, c in zip(prompts, codes)]
+            return [generation_example(proc, p, c, drop) for (p, drop), c in zip(prompts, codes)]
         scenes = [sample_scene(rng) for _ in range(n)]
         qas = [sample_question(rng, s) for s in scenes]
         if kind == "und":
             images = scenes_to_tensor(scenes)
+            # a share of VQ reconstructions, so that the model also reads images drawn by a model
+            recon = [i for i in range(n) if rng.random() < RECON_SHARE]
+            if recon:
+                with torch.no_grad():
+                    codes = self.vq.encode(images[recon])[1]
+                    x = self.vq.decode_code(codes).clamp(-1, 1)
+                images[recon] = torch.round((x + 1) * 127.5) / 127.5 - 1  # as saved to a PNG
             return [understanding_example(proc, q, a, img, self.system) for (_, q, a), img in zip(qas, images)]
         # text-only: the scene is given in words, the question is the same
         return [understanding_example(proc, f"Scene: {describe(s)}.\n{q}", a, None, self.system)
