@@ -6,21 +6,13 @@
 A random ``JanusForConditionalGeneration`` of the chosen size (transformers' own init, bf16) is saved
 in the transformers layout and, via ``zuoyou.convert.hf_to_official``, in the official layout; each
 mode runs in its own subprocess on those weights (fp32 modes upcast the same bf16 values): zuoyou
-fp32 / bf16 / int8 (int8 weights, bf16 activations) [/ int8-fp32, "+compile" variants], the port
-in fp32 / bf16. Per mode:
-- text-to-image, CFG 5, temperature 1, n = 1 and 4 images: prefill, ms per decode step (timed
-  between calls of the image head, one head call per step), VQ decode of n images;
-  s/image = (prefill + (T-1) steps + VQ decode) / n, extrapolated from ``--steps K`` steps when
-  K < T-1 (a short warm-up of K=2 steps precedes each timed run);
-- understanding: one image + a question, ``--new-tokens`` greedy tokens (prefill incl. the vision
-  tower = time to the first text-head call, then ms per token; no warm-up);
-- peak RSS (VmHWM): after loading, then reset (``/proc/self/clear_refs``) and peak while running;
-- bandwidth floor: bytes read per decode step (decoder layers, final norm, image head and aligner,
-  plus the whole static KV cache, which attention reads every step) / read bandwidth, measured here
-  as the best of 5 ``sum()`` of a 512 MiB fp32 tensor;
-- quality (zuoyou modes): KL(fp32 || mode) and greedy agreement of the next-token distributions
-  along teacher-forced sequences (seeded random image codes after CFG; seeded random answer tokens
-  after the understanding prompt). On random weights these measure numerical error only.
+fp32 / bf16 / int8 (int8 weights, bf16 activations) [/ int8-fp32, "+compile" / "+autotune"], the port
+in fp32 / bf16. Per mode: text-to-image (CFG 5, temperature 1, n = 1 and 4) prefill, ms per decode
+step (between calls of the image head; after a 2-step warm-up), VQ decode, s/image (extrapolated
+from ``--steps K``); understanding (one image + a question, greedy) prefill and ms per token; peak
+RSS after loading and, reset, while running; the bandwidth floor (bytes read per step / measured
+read bandwidth); the quality guard (KL and greedy agreement vs fp32, teacher-forced). The method and
+its caveats: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -46,6 +38,7 @@ WORDS = ["a photo of a red circle", "a blue square left of a green cross", "How 
          "What color is the circle?", "one two three four zero yes no", "Describe the image."]
 ZUOYOU = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("bf16", "int8"), "int8-fp32": ("fp32", "int8")}
 HF = {"hf-fp32": torch.float32, "hf-bf16": torch.bfloat16}
+COMPILE = {"": False, "compile": True, "autotune": "max-autotune"}  # mode suffixes -> zuoyou.load(compile=...)
 DEFAULT_MODES = "fp32,bf16,int8,hf-fp32,hf-bf16"
 
 
@@ -203,8 +196,9 @@ def run_zuoyou(mode: str, a: dict, work: Path) -> dict:
     from zuoyou.processor import Message
     from zuoyou.quantize import image_code_logits, text_logits, weight_bytes as wb
 
-    compiled = mode.endswith("+compile")
-    dtype, quant = ZUOYOU[mode.removesuffix("+compile")]
+    base, _, suffix = mode.partition("+")
+    compiled = COMPILE[suffix]
+    dtype, quant = ZUOYOU[base]
     t = time.perf_counter()
     pipe = zuoyou.api.load(work / "zuoyou", device="cpu", dtype=dtype, quantize=quant, compile=compiled)
     out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb(), "rss_reset": reset_hwm()}
@@ -340,7 +334,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="janus-pro-1b", choices=["janus-pro-1b", "tiny"])
     p.add_argument("--steps", type=int, default=None, help="decode steps to time (default: all); fewer = extrapolated")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from {', '.join([*ZUOYOU, *HF])}; "
-                   "zuoyou modes take a '+compile' suffix (default: %(default)s)")
+                   "zuoyou modes take a '+compile' or '+autotune' (max-autotune, frozen weights) suffix "
+                   "(default: %(default)s)")
     p.add_argument("--skip-hf", action="store_true", help="drop the transformers modes")
     p.add_argument("--batches", default="1,4", help="images per text-to-image call (default 1,4)")
     p.add_argument("--new-tokens", type=int, default=32, help="understanding: new tokens (default 32)")
@@ -356,7 +351,7 @@ def main(argv=None) -> int:
         worker(args.worker, Path(args.workdir))
         return 0
     modes = [m for m in args.modes.split(",") if m and not (args.skip_hf and m in HF)]
-    bad = [m for m in modes if m.removesuffix("+compile") not in ZUOYOU and m not in HF]
+    bad = [m for m in modes if m not in HF and (m.partition("+")[0] not in ZUOYOU or m.partition("+")[2] not in COMPILE)]
     if bad:
         p.error(f"unknown modes {bad}")
     if args.threads:

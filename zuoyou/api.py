@@ -115,11 +115,12 @@ def to_messages(messages) -> list[Message]:
 
 
 def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=None, quantize: str | None = None,
-         compile: bool = False) -> Pipeline:
+         compile: bool | str = False) -> Pipeline:
     """Load a checkpoint folder or hub id (None: the bundled ShapesWorld model) into a ``Pipeline``.
 
     ``quantize="int8"``: int8 weight-only LM linears and heads (``zuoyou.quantize``), bf16 activations.
-    ``compile=True``: ``torch.compile`` the one-token decode step (first call of each batch shape compiles).
+    ``compile=True``: ``torch.compile`` the one-token decode step (first call of each batch shape compiles);
+    ``compile="max-autotune"``: autotuned, with frozen weights (see ``zuoyou.engine.Engine``).
     """
     from .quantize import check_mode, quantize_model
 

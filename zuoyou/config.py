@@ -36,10 +36,15 @@ class LMConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self):
+        _positive_ints(self, "language_config", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "max_position_embeddings")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError("language_config: hidden_size must be a multiple of num_attention_heads")
             self.head_dim = self.hidden_size // self.num_attention_heads
+        _positive_ints(self, "language_config", "num_key_value_heads", "head_dim")
         if self.hidden_act != "silu":
             raise ConfigError(f"language_config.hidden_act={self.hidden_act!r}: only 'silu' is supported")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -59,6 +64,11 @@ class VisionConfig:
     select_layer: int = -1
     model_name: str = "siglip_large_patch16_384"
     select_feature: str = "same"
+
+    def __post_init__(self):
+        _positive_ints(self, "vision_config", "image_size", "patch_size", "width", "layers", "heads")
+        if self.width % self.heads:
+            raise ConfigError("vision_config: width must be a multiple of heads")
 
     @property
     def num_patches(self) -> int:
@@ -86,6 +96,10 @@ class VQConfig:
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)
+        _positive_ints(self, "gen_vision_config.vq", "codebook_size", "codebook_embed_dim", "ch", "z_channels",
+                       "num_res_blocks", "norm_groups", "image_size")
+        if not self.ch_mult or not all(type(m) is int and m > 0 for m in self.ch_mult):
+            raise ConfigError(f"gen_vision_config.vq.ch_mult={list(self.ch_mult)}: must be positive integers")
 
     @property
     def downsample(self) -> int:
@@ -140,7 +154,7 @@ class JanusConfig:
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing the key {e} (not a Janus multi_modality config)") from None
-        except TypeError as e:
+        except (TypeError, AttributeError, ValueError) as e:  # e.g. a section that is not a dict
             raise ConfigError(f"config.json has a malformed section: {e}") from None
 
     def to_dict(self) -> dict:
@@ -184,6 +198,13 @@ class JanusConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _positive_ints(obj, section: str, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if type(v) is not int or v < 1:
+            raise ConfigError(f"{section}.{n}={v!r}: must be a positive integer")
 
 
 def _pick(dc, d: dict):

@@ -17,9 +17,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .models.janus import Janus
-from .processor import Message, Processor, to_pil
+from .processor import Message, Processor, TextStream, to_pil
 from .sampling import check_sampling, make_generator, sample
 
 
@@ -58,13 +58,21 @@ class _Batch:
 
 class Engine:
     def __init__(self, model: Janus, processor: Processor, device: torch.device, dtype: torch.dtype,
-                 context: int | None = None, compile: bool = False):
+                 context: int | None = None, compile: bool | str = False):
         self.model, self.processor, self.device, self.dtype = model, processor, device, dtype
         self.config = model.config
         self.context = context or self.config.lm.max_position_embeddings
         # the one-token decode step; ``compile=True`` hands it to torch.compile (the first request of a
-        # new batch size / length recompiles, after which torch marks the changing sizes dynamic)
-        self._compiled = torch.compile(model.hidden) if compile else None
+        # new batch size / length recompiles, after which torch marks the changing sizes dynamic);
+        # "max-autotune" also freezes the weights as constants, which lets inductor pick its packed
+        # (AMX / AVX-512) GEMM templates, int8 weights included, specialised to each batch shape
+        # (static shapes: every new shape compiles anew, which takes minutes on a large model)
+        if compile not in (False, True, "default", "max-autotune"):
+            raise ConfigError(f"compile={compile!r}: use False, True or 'max-autotune'")
+        tuned = compile == "max-autotune"
+        self._compiled = None if not compile else torch.compile(
+            model.hidden, dynamic=False if tuned else None,
+            options={"max_autotune": True, "freezing": True} if tuned else None)
 
     # ----------------------------------------------------------------------------------- helpers
     def _pad(self, rows: list[list[int]]) -> _Batch:
@@ -231,24 +239,18 @@ class Engine:
             self.model.language_model.clear_cache()
 
     def generate_text(self, requests: list[TextRequest]) -> list[str]:
-        outs: list[list[int]] = [[] for _ in requests]
+        streams = [TextStream(self.processor) for _ in requests]
         for step in self.stream_tokens(requests):
-            for b, t in enumerate(step):
+            for stream, t in zip(streams, step):
                 if t is not None:
-                    outs[b].append(t)
-        # the template puts a space after "<|Assistant|>:", so answers begin with one: not part of the answer
-        return [self.processor.decode(o).lstrip() for o in outs]
+                    stream.ids.append(t)
+        return [s.text for s in streams]
 
     def stream_text(self, request: TextRequest) -> Iterator[str]:
-        """Text pieces of one answer as they are decoded (byte-level merges handled)."""
-        ids, sent = [], ""
+        """Text pieces of one answer as they are decoded."""
+        stream = TextStream(self.processor)
         for step in self.stream_tokens([request]):
-            if step[0] is None:
-                continue
-            ids.append(step[0])
-            text = self.processor.decode(ids).lstrip()
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            if len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
+            if step[0] is not None and (piece := stream.push(step[0])):
+                yield piece
+        if piece := stream.flush():
+            yield piece

@@ -7,12 +7,13 @@ checkpoints (e.g. the pad id is 100002 in Janus-Pro-1B and 100015 in Janus-Pro-7
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from .errors import CheckpointError, InputError
@@ -34,23 +35,41 @@ def open_image(image) -> Image.Image:
     name = "<bytes>" if isinstance(image, (bytes, bytearray)) else str(image)
     if not isinstance(image, Image.Image):
         src = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
-        if isinstance(src, (str, Path)) and not Path(src).is_file():
-            raise InputError(f"image {name}: no such file")
+        if isinstance(src, (str, Path)):
+            if not Path(src).is_file():
+                raise InputError(f"image {name}: no such file")
+            if Path(src).stat().st_size == 0:
+                raise InputError(f"image {name}: the file is empty (0 bytes)")
+        elif isinstance(image, (bytes, bytearray)) and not image:
+            raise InputError("image <bytes>: empty (0 bytes)")
         try:
-            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-            image = Image.open(src)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise InputError(f"image {name}: {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
-            image.load()
+            image = _load(src, name)
         except InputError:
             raise
         except Image.DecompressionBombError:
             raise InputError(f"image {name}: too many pixels (decompression-bomb guard)") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except UnidentifiedImageError:
+            raise InputError(f"image {name}: not an image file (or a format Pillow cannot read)") from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise InputError(f"image {name}: cannot read it as an image ({e})") from None
     elif image.width * image.height > MAX_IMAGE_PIXELS:
         raise InputError(f"image: {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
     return to_rgb(image)
+
+
+def _load(src, name: str) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit: we refuse those ourselves, below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(src)
+    try:
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise InputError(f"image {name}: {image.width}x{image.height} pixels is over the {MAX_IMAGE_PIXELS:,} limit")
+        image.load()
+    except BaseException:
+        image.close()  # the file Image.open opened
+        raise
+    return image
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -66,8 +85,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
-    if img.mode == "CMYK":
-        return ImageOps.invert(img.convert("RGB")) if img.info.get("adobe_transform") == 0 else img.convert("RGB")
+    # CMYK (JPEG included: Pillow already decodes Adobe-inverted CMYK JPEGs as "CMYK;I") converts directly
     return img.convert("RGB")
 
 
@@ -199,3 +217,33 @@ class Processor:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.special_ids], skip_special_tokens=True)
 
+
+
+class TextStream:
+    """Token ids -> text pieces as they arrive, for streaming answers.
+
+    Byte-level BPE can split one character over several tokens: a piece is released only once it
+    decodes without a replacement character. The template's space after ``<|Assistant|>:``
+    starts every answer and is not part of it, so leading whitespace is dropped.
+    """
+
+    def __init__(self, processor: "Processor"):
+        self.processor, self.ids, self.sent = processor, [], ""
+
+    @property
+    def text(self) -> str:
+        return self.processor.decode(self.ids).lstrip()
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.text
+        if text.endswith("\ufffd") or len(text) <= len(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is left (e.g. an incomplete character at the end of a truncated answer)."""
+        text = self.text
+        piece, self.sent = text[len(self.sent):], text
+        return piece

@@ -8,18 +8,19 @@ untouched; the vision tower, the aligners, the embeddings and the VQ stay in the
 Why our own module rather than torchao (measured on this repo's CPU, see ``benchmarks/README.md``):
 torchao 0.18's ``Int8WeightOnlyConfig`` installs and runs on CPU, but its linear is slower than
 the plain bf16 ``F.linear`` it replaces, while ``torch._weight_int8pack_mm`` (ATen's CPU/CUDA/MPS
-kernel behind gpt-fast's int8 path) is ~1.8x faster than bf16 for decode-sized inputs.
+kernel behind gpt-fast's int8 path) was 1.25-1.8x faster than bf16 for 1-2 row inputs.
 
 Kernel choice per call, by the number of rows ``M`` (tokens x batch) of the input:
 - ``M <= PACK_MAX_ROWS`` (decode steps): ``_weight_int8pack_mm``. It reads the int8 weights once
   per block of 4 rows, so it wins for the 1-4 row steps of single requests and becomes slower than
-  bf16 from ~8 rows (CFG batch of 4 images) on;
+  bf16 from ~8 rows (CFG batch of 4 images) on (inductor's AMX template, ``compile="max-autotune"``,
+  is not);
 - larger ``M`` (prefill): dequantise to the compute dtype and run one GEMM (compute-bound anyway).
 The kernel needs the input feature count to be a multiple of 16 (other sizes crash or return
 garbage on CPU); such layers always take the dequantising path.
 
 The activations of an ``Int8Linear`` are bf16 (fp16 for an fp16 model): the kernel's fp32 path is
-10-20x slower on CPU. So ``quantize="int8"`` on an fp32 model runs its quantised matmuls in bf16.
+not vectorised on CPU. So ``quantize="int8"`` on an fp32 model runs its quantised matmuls in bf16.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from typing import Callable
 
 from ..engine import Engine, ImageRequest, TextRequest
 from ..errors import InputError
+from ..processor import TextStream
 
 _ids = itertools.count(1)
 
@@ -271,9 +272,8 @@ class Batcher:
         jobs = [j for j in jobs if not j.cancelled]
         if not jobs:
             return
-        eng, decode = self.engine, self.engine.processor.decode
-        ids: list[list[int]] = [[] for _ in jobs]
-        sent = [""] * len(jobs)
+        eng = self.engine
+        streams = [TextStream(eng.processor) for _ in jobs]
         steps = eng.stream_tokens([j.request for j in jobs])
         try:
             try:
@@ -286,21 +286,18 @@ class Batcher:
                 for b, t in enumerate(step):
                     if t is None or jobs[b].cancelled:
                         continue
-                    ids[b].append(t)
-                    text = decode(ids[b])
-                    if not text.endswith("\ufffd") and len(text) > len(sent[b]):
-                        jobs[b].emit("delta", text[len(sent[b]):])
-                        sent[b] = text
+                    if piece := streams[b].push(t):
+                        jobs[b].emit("delta", piece)
                 if all(j.cancelled for j in jobs):
                     return
                 step = next(steps, None)
         finally:
             steps.close()
-        for b, j in enumerate(jobs):
-            text = decode(ids[b])
-            if len(text) > len(sent[b]):  # a trailing incomplete UTF-8 sequence: send what there is
-                j.emit("delta", text[len(sent[b]):])
+        for j, stream in zip(jobs, streams):
+            if piece := stream.flush():  # a trailing incomplete UTF-8 sequence: send what there is
+                j.emit("delta", piece)
+            n = len(stream.ids)
             limit = min(j.request.max_new_tokens, eng.context - j.prompt_tokens)
-            self.counters["completion_tokens"] += len(ids[b])
-            j.emit("done", {"text": text, "completion_tokens": len(ids[b]),
-                            "finish_reason": "length" if len(ids[b]) >= limit else "stop"})
+            self.counters["completion_tokens"] += n
+            j.emit("done", {"text": stream.text, "completion_tokens": n,
+                            "finish_reason": "length" if n >= limit else "stop"})
