@@ -160,9 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_guarded(args) -> int:
+    """Run ``args.func(args)``: a user error is one line on stderr and status 2 (``--debug``: raise)."""
     try:
         args.func(args)
     except ZuoyouError as e:
@@ -174,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         print("zuoyou: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_guarded(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

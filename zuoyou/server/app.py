@@ -135,6 +135,15 @@ def create_app(pipe, api_key: str | None = None, max_queue: int = 64, limits: Li
             raise to_api_error(ev[1])
         return ev
 
+    async def wait_done(job):
+        """The payload of a non-streamed job's final event (the job is dropped however this ends)."""
+        try:
+            while (ev := await next_event(job))[0] != "done":
+                pass
+        finally:
+            batcher.cancel(job)
+        return ev[1]
+
     def sse(obj, event: str | None = None) -> str:
         head = f"event: {event}\n" if event else ""
         return f"{head}data: {json.dumps(obj, separators=(',', ':'))}\n\n"
@@ -195,12 +204,7 @@ def create_app(pipe, api_key: str | None = None, max_queue: int = 64, limits: Li
                     "total_tokens": spec.prompt_tokens + done["completion_tokens"]}
 
         if not spec.stream:
-            try:
-                while (ev := await next_event(job))[0] != "done":
-                    pass
-            finally:
-                batcher.cancel(job)
-            done = ev[1]
+            done = await wait_done(job)
             return {"id": cid, "object": "chat.completion", "created": now, "model": model_id,
                     "system_fingerprint": None, "usage": usage(done),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": done["text"]},
@@ -240,12 +244,8 @@ def create_app(pipe, api_key: str | None = None, max_queue: int = 64, limits: Li
                "input_tokens_details": {"text_tokens": spec.prompt_tokens, "image_tokens": 0}}
 
         if not spec.stream:
-            try:
-                while (ev := await next_event(job))[0] != "done":
-                    pass
-            finally:
-                batcher.cancel(job)
-            pngs = await asyncio.to_thread(lambda: [b64png(im) for im in ev[1]])
+            images = await wait_done(job)
+            pngs = await asyncio.to_thread(lambda: [b64png(im) for im in images])
             return {"created": now, "data": [{"b64_json": p, "revised_prompt": None} for p in pngs],
                     "output_format": "png", "size": spec.size, "usage": use}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import ZuoyouError
+from ..cli import run_guarded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,18 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
-        args.func(args)
-    except ZuoyouError as e:
-        if args.debug:
-            raise
-        print(f"zuoyou: error: {e}", file=sys.stderr)
-        return 2
+        return run_guarded(args)
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
