@@ -99,25 +99,20 @@ def loss_fn(model: Janus, batch: Batch, norm: tuple[int, int] | None = None) -> 
     ``norm=(text, codes)``: summed CEs divided by these counts instead, the counts of a whole
     global batch; the losses of its slices (micro-batches, ranks) then add up to its mean loss.
     """
-    x = model.embed_text(batch.ids)
-    if batch.pixels is not None:
-        x = x.clone()
-        x[batch.und_mask] = model.embed_images(batch.pixels).flatten(0, 1).to(x.dtype)  # (N*P, D)
+    x = model.prepare_inputs_embeds(batch.ids, batch.pixels, batch.und_mask)  # text + understanding images
     if batch.gen_codes.numel():
-        x = x.clone() if batch.pixels is None else x
-        x[batch.gen_mask] = model.embed_image_codes(batch.gen_codes).to(x.dtype)
+        x = x.clone()
+        x[batch.gen_mask] = model.embed_image_codes(batch.gen_codes).to(x.dtype)  # (M, D) image codes
     h = model.hidden(x)  # (B, T, D), causal
     stats, total = {}, 0.0
-    tm = batch.text_targets >= 0
-    if tm.any():
-        t_loss = F.cross_entropy(model.text_logits(h[tm]).float(), batch.text_targets[tm],
-                                 reduction="mean" if norm is None else "sum") / (1 if norm is None else norm[0])
-        total = total + t_loss
-        stats["text"] = t_loss.item()
-    cm = batch.code_targets >= 0
-    if cm.any():
-        c_loss = F.cross_entropy(model.image_logits(h[cm]).float(), batch.code_targets[cm],
-                                 reduction="mean" if norm is None else "sum") / (1 if norm is None else norm[1])
-        total = total + c_loss
-        stats["image"] = c_loss.item()
+    heads = (("text", batch.text_targets, model.text_logits), ("image", batch.code_targets, model.image_logits))
+    for i, (name, targets, head) in enumerate(heads):
+        m = targets >= 0
+        if not m.any():
+            continue
+        loss = F.cross_entropy(head(h[m]).float(), targets[m], reduction="mean" if norm is None else "sum")
+        if norm is not None:
+            loss = loss / norm[i]
+        total = total + loss
+        stats[name] = loss.item()
     return total, stats
