@@ -50,3 +50,12 @@ def cli(*args: str) -> list[str]:
 
 
 FAST = ["--steps", "4", "--batch-size", "8", "--precision", "fp32", "--threads", "1", "--no-progress", "--seed", "3"]
+
+
+def flags(d: dict) -> list[str]:
+    """``{"lora_rank": 4, "full": True}`` -> ``["--lora-rank", "4", "--full"]`` (False drops the flag)."""
+    out = []
+    for k, v in d.items():
+        flag = "--" + k.replace("_", "-")
+        out += [flag] if v is True else [] if v is False else [flag, str(v)]
+    return out

@@ -10,20 +10,12 @@ import subprocess
 import time
 
 import pytest
-from ftdata import cli, write_dataset
+from ftdata import cli, flags, write_dataset
 
 from zuoyou.finetune.run import finetune
 
 ARGS = dict(steps=12, batch_size=8, lora_rank=4, precision="fp32", threads=1, no_progress=True, seed=7,
             eval_every=0, checkpoint_every=3)
-
-
-def _flags(d: dict) -> list[str]:
-    out = []
-    for k, v in d.items():
-        flag = "--" + k.replace("_", "-")
-        out += [flag] if v is True else [] if v is False else [flag, str(v)]
-    return out
 
 
 def _losses(out) -> dict[int, tuple[float, float]]:
@@ -38,7 +30,7 @@ def test_sigkill_then_resume_continues_the_same_curve(tiny_dir, tmp_path):
     common = dict(model=str(tiny_dir), data=str(data))
     out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cli(*_flags(dict(common, out=out, **ARGS))), env=env,
+    proc = subprocess.Popen(cli(*flags(dict(common, out=out, **ARGS))), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / "checkpoint" / "state.json"
     t0 = time.time()
@@ -50,7 +42,7 @@ def test_sigkill_then_resume_continues_the_same_curve(tiny_dir, tmp_path):
     saved = json.loads(state.read_text())["step"]
     assert 3 <= saved < ARGS["steps"] and not (out / "model").exists()
 
-    r = subprocess.run(cli(*_flags(dict(common, out=out, resume=True, **ARGS))), env=env, capture_output=True,
+    r = subprocess.run(cli(*flags(dict(common, out=out, resume=True, **ARGS))), env=env, capture_output=True,
                        text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed: stage finetune, step {saved}" in r.stderr

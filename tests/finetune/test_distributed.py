@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from ftdata import write_dataset
+from ftdata import flags, write_dataset
 
 from zuoyou.finetune.run import finetune
 from zuoyou.loading import load_model
@@ -21,14 +21,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 ARGS = dict(steps=4, batch_size=8, full=True, precision="fp32", threads=1, no_progress=True, seed=5, eval_every=2,
             checkpoint_every=2)
-
-
-def _flags(d: dict) -> list[str]:
-    out = []
-    for k, v in d.items():
-        flag = "--" + k.replace("_", "-")
-        out += [flag] if v is True else [] if v is False else [flag, str(v)]
-    return out
 
 
 def _torchrun(*args: str) -> None:
@@ -69,7 +61,7 @@ def test_two_ranks_match_one_and_resume_anywhere(tiny_dir, tmp_path):
 
     # 2 DDP ranks, stopped (checkpointed) half-way
     ddp = tmp_path / "ddp"
-    _torchrun(*_flags(dict(common, out=ddp, stop_at=2, **ARGS)))
+    _torchrun(*flags(dict(common, out=ddp, stop_at=2, **ARGS)))
     assert not (ddp / "model").exists() and sorted(_log(ddp)) == [1, 2]
     fsdp = tmp_path / "fsdp"
     shutil.copytree(ddp, fsdp)
@@ -80,6 +72,6 @@ def test_two_ranks_match_one_and_resume_anywhere(tiny_dir, tmp_path):
     _weights_close(ddp / "model", ref / "model")
 
     # ... resumed by 2 FSDP ranks (sharded optimiser state restored from the full checkpoint)
-    _torchrun(*_flags(dict(common, out=fsdp, resume=True, fsdp=True, **ARGS)))
+    _torchrun(*flags(dict(common, out=fsdp, resume=True, fsdp=True, **ARGS)))
     _same(_log(fsdp), _log(ref))
     _weights_close(fsdp / "model", ref / "model")
