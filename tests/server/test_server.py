@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import struct
 import threading
 import time
@@ -18,23 +17,18 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
+from liveserver import running  # noqa: E402
 from zuoyou.server.app import create_app  # noqa: E402
 from zuoyou.server.batcher import ImageJob  # noqa: E402
 from zuoyou.server.openai_schema import Limits  # noqa: E402
 
 KEY = "sk-test-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +39,9 @@ def server(tiny_dir):
     limits = Limits(max_n=4, max_tokens=64, max_image_pixels=1024 * 1024, max_body_bytes=2 * 2**20,
                     request_timeout=60)
     app = create_app(pipe, api_key=KEY, max_queue=4, limits=limits, batch_window=0.02, model_id="tiny")
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, app=app, batcher=app.state.batcher, limits=limits, pipe=pipe,
-                          http=httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60))
-    srv.should_exit = True
-    thread.join(15)
+    with running(app) as url:
+        yield SimpleNamespace(url=url, app=app, batcher=app.state.batcher, limits=limits, pipe=pipe,
+                              http=httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60))
 
 
 @pytest.fixture(scope="module")
