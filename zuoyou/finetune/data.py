@@ -40,7 +40,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..processor import IMAGE_TAG, Message, Processor, open_image
-from ..train.batch import Example, generation_example
+from ..train.batch import Example, conversation, generation_example
 
 KIND_OF = {"understanding": "und", "text": "text", "generation": "gen"}
 KEYS = {"understanding": {"type", "images", "messages", "system"}, "text": {"type", "messages", "system", "images"},
@@ -172,26 +172,6 @@ def _messages(msgs, n_images: int, fail) -> list[Message]:
         out[0].images = [None] * n_images  # chat_prompt puts one tag per image before the text
     return out
 
-
-def conversation(proc: Processor, msgs: list[Message], system: str | None = None) -> tuple[list[int], list[bool]]:
-    """Token ids of a whole conversation in the chat format, and which of them are targets.
-
-    Built turn by turn: the tokens are exactly those the processor gives the conversation's
-    text at inference (turns meet at special tokens); targets are `` {answer}<eos>`` per
-    assistant turn, as in ``understanding_example``.
-    """
-    ids: list[int] = []
-    mask: list[bool] = []
-    for m in msgs:
-        if m.role == "user":
-            text = proc.chat_prompt([m], system=system if not ids else "")
-            seg = proc.encode(text) if not ids else proc.tokenizer.encode(text, add_special_tokens=False).ids
-            seg = proc.expand_images(seg)
-        else:
-            seg = proc.tokenizer.encode(" " + m.content.strip(), add_special_tokens=False).ids + [proc.eos]
-        ids += seg
-        mask += [m.role == "assistant"] * len(seg)
-    return ids, mask
 
 
 # ------------------------------------------------------------------------------------ serving

@@ -32,13 +32,6 @@ class Example:
     loss_mask: list[bool] | None = None  # per id: is it a target? (multi-turn: the assistant turns); overrides loss_from
 
 
-def understanding_example(proc: Processor, question: str, answer: str, image=None, system: str = "") -> Example:
-    msgs = [Message("user", question, [image] if image is not None else [])]
-    prompt = proc.expand_images(proc.encode(proc.chat_prompt(msgs, system=system)))
-    answer_ids = proc.tokenizer.encode(" " + answer.strip(), add_special_tokens=False).ids + [proc.eos]
-    return Example(prompt + answer_ids, len(prompt), image=image)
-
-
 def generation_example(proc: Processor, prompt: str, codes: torch.Tensor, drop: bool = False) -> Example:
     """``drop=True`` (CFG prompt dropout) gives the unconditional prompt exactly as inference builds
     it from this prompt: same length, BOS and ``<begin_of_image>`` kept, the rest pad."""
@@ -46,6 +39,28 @@ def generation_example(proc: Processor, prompt: str, codes: torch.Tensor, drop: 
     if drop:
         ids = proc.uncond_ids(ids)
     return Example(ids, len(ids), codes=codes)
+
+
+def conversation(proc: Processor, msgs: list[Message], system: str | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of a whole conversation in the chat format, and which of them are targets.
+
+    Built turn by turn: the tokens are exactly those the processor gives the conversation's
+    text at inference (turns meet at special tokens); targets are `` {answer}<eos>`` per
+    assistant turn (a single question and answer is the
+    understanding example of the module docstring).
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    for m in msgs:
+        if m.role == "user":
+            text = proc.chat_prompt([m], system=system if not ids else "")
+            seg = proc.encode(text) if not ids else proc.tokenizer.encode(text, add_special_tokens=False).ids
+            seg = proc.expand_images(seg)
+        else:
+            seg = proc.tokenizer.encode(" " + m.content.strip(), add_special_tokens=False).ids + [proc.eos]
+        ids += seg
+        mask += [m.role == "assistant"] * len(seg)
+    return ids, mask
 
 
 @dataclass

@@ -8,8 +8,10 @@ Steps (each resumable; the output folder holds every intermediate):
    - stage 1 "pixel dependence": und:text:gen = 1:0:3, simple one-object prompts (Janus-Pro trains
      on ImageNet class names here). Unlike Janus, nothing is frozen but the VQ: our LM and
      understanding encoder start random, so freezing them would teach nothing;
-   - stage 2 unified pre-training: 2:3:5, every caption style and question type;
-   - stage 3 SFT: 5:1:4, learning rate decayed to 2 % (most of the late gain of a small model).
+   - stage 2 unified pre-training: 2:1:5, every caption style and question type;
+   - stage 3 SFT: 3:1:6, learning rate decayed to 2 % (most of the late gain of a small model).
+   Understanding and text examples ask 1-3 questions about one scene (a multi-turn chat), so
+   the 64 image positions are paid once for several answers.
    CFG prompt dropout (10 %) uses exactly the unconditional prompt of inference.
 3. generation defaults (CFG, temperature) chosen on validation prompts (seeds disjoint from the
    evaluation), written to ``generation_defaults.json``; then the final evaluations.
@@ -29,17 +31,18 @@ from ..config import get_config
 from ..loading import save_model
 from ..models.janus import Janus, build
 from ..models.vq import VQModel
-from ..processor import Processor
+from ..processor import Message, Processor
 from ..shapes import caption, describe, sample_prompt, sample_question, sample_scene, scene_for_prompt
 from ..tokenizer import train_tokenizer
-from .batch import Example, generation_example, understanding_example
+from .batch import Example, conversation, generation_example
 from .checkpoint import load_checkpoint
 from .loop import Stage, train
-from .vq import encode_scenes, reconstruction_parse_rate, scenes_to_tensor, train_vq
+from .vq import code_entropy, encode_scenes, reconstruction_parse_rate, scenes_to_tensor, train_vq
 
 TRAIN_SEED = 1  # evaluation uses other seeds (zuoyou.evals.shapes)
 CFG_DROPOUT = 0.1
 RECON_SHARE = 0.3  # understanding images replaced by their VQ reconstruction
+QUESTIONS_PER_IMAGE = (1, 2, 3)  # drawn uniformly per understanding/text example
 
 
 def corpus(n: int = 20000, seed: int = TRAIN_SEED):
@@ -75,7 +78,9 @@ class ShapesData:
             codes = encode_scenes(self.vq, scenes)
             return [generation_example(proc, p, c, drop) for (p, drop), c in zip(prompts, codes)]
         scenes = [sample_scene(rng) for _ in range(n)]
-        qas = [sample_question(rng, s) for s in scenes]
+        # several questions about one image in one conversation: the image (64 positions) is
+        # paid for once and each answer is a target; the first turn is exactly the inference prompt
+        qas = [[sample_question(rng, s)[1:] for _ in range(rng.choice(QUESTIONS_PER_IMAGE))] for s in scenes]
         if kind == "und":
             images = scenes_to_tensor(scenes)
             # a share of VQ reconstructions, so that the model also reads images drawn by a model
@@ -85,21 +90,27 @@ class ShapesData:
                     codes = self.vq.encode(images[recon])[1]
                     x = self.vq.decode_code(codes).clamp(-1, 1)
                 images[recon] = torch.round((x + 1) * 127.5) / 127.5 - 1  # as saved to a PNG
-            return [understanding_example(proc, q, a, img, self.system) for (_, q, a), img in zip(qas, images)]
-        # text-only: the scene is given in words, the question is the same
-        return [understanding_example(proc, f"Scene: {describe(s)}.\n{q}", a, None, self.system)
-                for s, (_, q, a) in zip(scenes, qas)]
+            return [self._dialogue(q, img) for q, img in zip(qas, images)]
+        # text-only: the scene is given in words, the questions are the same
+        return [self._dialogue(q, None, f"Scene: {describe(s)}.\n") for s, q in zip(scenes, qas)]
 
+    def _dialogue(self, qas: list[tuple[str, str]], image, prefix: str = "") -> Example:
+        msgs = []
+        for i, (q, a) in enumerate(qas):
+            msgs.append(Message("user", (prefix if i == 0 else "") + q, [image] if i == 0 and image is not None else []))
+            msgs.append(Message("assistant", a))
+        ids, mask = conversation(self.processor, msgs, self.system)
+        return Example(ids, mask.index(True), image=image, loss_mask=mask)
 
-STAGE_SHARES = (0.08, 0.43, 0.49)  # the bundled model: 6 + 33 + 37.8 of 77 minutes
+STAGE_SHARES = (0.08, 0.40, 0.52)
 
 
 def stages(minutes: float, batch_size: int = 64) -> list[Stage]:
     m1, m2, m3 = (share * minutes for share in STAGE_SHARES)
     return [
         Stage("stage1", lr=1e-3, minutes=m1, warmup=100, mix=(1, 0, 3), batch_size=batch_size, options={"simple": True}),
-        Stage("stage2", lr=1e-3, minutes=m2, warmup=0, mix=(2, 3, 5), batch_size=batch_size),
-        Stage("stage3", lr=1e-3, minutes=m3, warmup=0, decay=True, mix=(5, 1, 4), batch_size=batch_size),
+        Stage("stage2", lr=1e-3, minutes=m2, warmup=0, mix=(2, 1, 5), batch_size=batch_size),
+        Stage("stage3", lr=1e-3, minutes=m3, warmup=0, decay=True, mix=(3, 1, 6), batch_size=batch_size),
     ]
 
 
@@ -110,6 +121,8 @@ def build_shapes_model(out: Path, vq: VQModel, vocab: int, seed: int) -> Janus:
     model = build(cfg, "cpu")
     _init(model)
     model.gen_vision_model.load_state_dict(vq.state_dict())
+    with torch.no_grad():  # codes that look alike start with alike input embeddings (gen_embed is 8-d, as the codebook)
+        model.gen_embed.weight.copy_(vq.quantize.codebook())
     return model
 
 
@@ -123,7 +136,7 @@ def _init(model: torch.nn.Module, std: float = 0.02):
             torch.nn.init.zeros_(p)
 
 
-def run(out: Path, minutes: float = 77.0, vq_minutes: float = 26.0, seed: int = TRAIN_SEED, resume: bool = True,
+def run(out: Path, minutes: float = 90.0, vq_minutes: float = 25.0, seed: int = TRAIN_SEED, resume: bool = True,
         eval_images: int = 4, log=print) -> dict:
     """Train everything into ``out``; the loadable model folder is ``out/model``."""
     out = Path(out)
@@ -147,6 +160,7 @@ def run(out: Path, minutes: float = 77.0, vq_minutes: float = 26.0, seed: int = 
     if not report.get("vq_done"):
         train_vq(vq, out / "vq", minutes=vq_minutes, seed=seed, log=log, resume=resume)
         report["vq_parse_rate"] = reconstruction_parse_rate(vq, n=1000)
+        report["vq_code_entropy"] = round(code_entropy(vq), 4)
         report["vq_done"] = True
         _write(out / "report.json", report)
     else:

@@ -1,0 +1,73 @@
+"""The ShapesWorld recipe's data: multi-question dialogues, generation examples, the model's init."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from zuoyou.config import get_config
+from zuoyou.models.vq import VQModel
+from zuoyou.processor import Message, Processor, to_pil
+from zuoyou.tokenizer import train_tokenizer
+from zuoyou.train.batch import collate
+from zuoyou.train.shapes import ShapesData, build_shapes_model, corpus, stages
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapes_tok")
+    train_tokenizer(corpus(n=300), vocab_size=512).save(str(folder / "tokenizer.json"))
+    proc = Processor.from_folder(folder, num_image_tokens=64, image_size=64, system_prompt="")
+    torch.manual_seed(0)
+    return ShapesData(proc, VQModel(get_config("shapes").vq).eval())
+
+
+def test_understanding_dialogue_targets_are_the_answers(data):
+    proc = data.processor
+    ex = data.examples("und", 12, random.Random(0), stages(10)[1])
+    assert {len(torch.tensor(e.loss_mask).nonzero()) > 0 for e in ex} == {True}
+    turns = []
+    for e in ex:
+        assert e.image.shape == (3, 64, 64) and e.ids.count(proc.image_id) == 64
+        targets = [i for i, m in zip(e.ids, e.loss_mask) if m]
+        answers = proc.tokenizer.decode(targets, skip_special_tokens=False).split(proc.tokenizer.id_to_token(proc.eos))
+        turns.append(len(answers) - 1)
+        assert targets[-1] == proc.eos and all(a.startswith(" ") and a.strip() for a in answers[:-1])
+        # the first turn is exactly the prompt inference builds for that question
+        first_q = proc.tokenizer.decode(e.ids, skip_special_tokens=False).split("<|User|>: ")[1].split("\n\n")[0]
+        question = first_q.split("<end_of_image>\n", 1)[1]
+        want, _ = proc.understanding_inputs([Message("user", question, to_pil(e.image[None]))], system="")
+        assert e.ids[:len(want)] == want and e.loss_from == len(want)
+    assert set(turns) == {1, 2, 3}
+
+
+def test_text_examples_give_the_scene_in_words(data):
+    ex = data.examples("text", 4, random.Random(1), stages(10)[1])
+    for e in ex:
+        assert e.image is None and proc_text(data, e).startswith("<|User|>: Scene: ")
+
+
+def proc_text(data, e):
+    return data.processor.tokenizer.decode(e.ids[1:], skip_special_tokens=False)
+
+
+def test_generation_examples_and_cfg_dropout(data):
+    rng = random.Random(2)
+    ex = data.examples("gen", 40, rng, stages(10)[0])
+    proc = data.processor
+    assert all(e.codes.shape == (64,) and e.ids[-1] == proc.image_start for e in ex)
+    dropped = [e for e in ex if proc.pad in e.ids]
+    assert 0 < len(dropped) < 15  # 10 % prompt dropout
+    for e in dropped:
+        assert e.ids == proc.uncond_ids(e.ids)
+    b = collate(ex, proc)
+    assert b.gen_codes.numel() == 40 * 64 and int((b.code_targets >= 0).sum()) == 40 * 64
+
+
+def test_gen_embed_starts_from_the_codebook(data):
+    vq = data.vq
+    model = build_shapes_model(None, vq, data.processor.tokenizer.get_vocab_size(with_added_tokens=True), seed=0)
+    assert torch.equal(model.gen_embed.weight, vq.quantize.codebook())
+    assert torch.equal(model.gen_vision_model.quantize.embedding.weight, vq.quantize.embedding.weight)

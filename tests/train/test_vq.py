@@ -1,0 +1,73 @@
+"""The VQ recipe's pieces: patch-content groups, the consistency target, crowded codes, H(code | patch)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from zuoyou.config import get_config
+from zuoyou.models.vq import VQModel
+from zuoyou.train.checkpoint import load_checkpoint
+from zuoyou.train.vq import code_entropy, crowded_codes, group_means, image_batch, patch_groups, train_vq
+
+
+def test_patch_groups_follow_exact_pixels():
+    x = -torch.ones(2, 3, 16, 16)  # black 2x2 grid of 8x8 patches
+    x[0, 0, :8, :8] = 1.0  # image 0, patch 0 red-ish
+    x[1, 0, :8, :8] = 1.0  # same content at the same place in image 1
+    x[1, 1, 8:, 8:] = 1.0  # image 1, patch 3 another content
+    g = patch_groups(x, 2)  # raster order: image 0 patches 0..3, then image 1
+    assert g.shape == (8,)
+    assert g[0] == g[4]  # identical contents, different images
+    assert g[1] == g[2] == g[3] == g[5] == g[6]  # the empty patch everywhere
+    assert len({g[0].item(), g[1].item(), g[7].item()}) == 3
+
+
+def test_group_means():
+    z = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    m = group_means(z, torch.tensor([0, 0, 1]))
+    assert torch.equal(m, torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+
+
+def test_crowded_codes_returns_the_less_used_of_close_pairs():
+    vq = VQModel(get_config("shapes").vq)
+    K = vq.config.codebook_size
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(torch.randn(K, vq.config.codebook_embed_dim), dim=-1)
+        e[7] = e[3] + 1e-3  # a near-duplicate of code 3
+        vq.quantize.embedding.weight.copy_(e)
+    usage = torch.ones(K)
+    usage[3], usage[7] = 10, 2
+    crowded = crowded_codes(vq, usage, min_dist=0.01)
+    assert 7 in crowded.tolist() and 3 not in crowded.tolist()
+    assert len(crowded) <= 3  # the planted pair, give or take a chance pair of a random 8-d codebook
+
+
+def test_code_entropy_zero_for_a_single_code_and_bounded():
+    torch.manual_seed(0)
+    vq = VQModel(get_config("shapes").vq).eval()
+    h = code_entropy(vq, n=8)
+    assert 0.0 <= h <= math.log(vq.config.codebook_size)
+    with torch.no_grad():
+        vq.quantize.embedding.weight.copy_(vq.quantize.embedding.weight[:1].expand_as(vq.quantize.embedding.weight))
+    assert code_entropy(vq, n=8) == 0.0  # every patch gets code 0
+
+
+def test_image_batch_crops_align_to_code_grid():
+    x = image_batch(random.Random(0), 4, crop=32)
+    assert x.shape == (4, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def test_train_vq_runs_checkpoints_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    vq = VQModel(get_config("shapes").vq)
+    logs = []
+    train_vq(vq, tmp_path / "vq", minutes=0.05, batch=4, warmup_steps=2, restart_every=2, log=logs.append)
+    state = load_checkpoint(tmp_path / "vq", VQModel(get_config("shapes").vq))
+    assert state["step"] > 2 and state["elapsed"] >= 3.0
+    assert any("consistency" in m for m in logs)
+    train_vq(vq, tmp_path / "vq", minutes=0.05, batch=4, warmup_steps=2, restart_every=2, log=logs.append)
+    assert any("resumed at step" in m for m in logs)
+    assert load_checkpoint(tmp_path / "vq", VQModel(get_config("shapes").vq))["step"] >= state["step"]
