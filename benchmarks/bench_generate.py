@@ -6,7 +6,7 @@
 A random ``JanusForConditionalGeneration`` of the chosen size (transformers' own init, bf16) is saved
 in the transformers layout and, via ``zuoyou.convert.hf_to_official``, in the official layout; each
 mode runs in its own subprocess on those weights (fp32 modes upcast the same bf16 values): zuoyou
-fp32 / bf16 / int8 (int8 weights, bf16 activations) [/ int8-fp32, "+compile" / "+autotune"], the port
+fp32 / bf16 / int8 (int8 weights, bf16 activations) / int4 (int4 decoder layers, int8 heads) [/ int8-fp32, "+compile" / "+autotune"], the port
 in fp32 / bf16. Per mode: text-to-image (CFG 5, temperature 1, n = 1 and 4) prefill, ms per decode
 step (between calls of the image head; after a 2-step warm-up), VQ decode, s/image (extrapolated
 from ``--steps K``); understanding (one image + a question, greedy) prefill and ms per token; peak
@@ -36,10 +36,11 @@ PROMPT = "a photo of a red circle left of a blue square"
 QUESTION = "Describe the image."
 WORDS = ["a photo of a red circle", "a blue square left of a green cross", "How many objects are there?",
          "What color is the circle?", "one two three four zero yes no", "Describe the image."]
-ZUOYOU = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("bf16", "int8"), "int8-fp32": ("fp32", "int8")}
+ZUOYOU = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("bf16", "int8"), "int8-fp32": ("fp32", "int8"),
+          "int4": ("bf16", "int4")}
 HF = {"hf-fp32": torch.float32, "hf-bf16": torch.bfloat16}
 COMPILE = {"": False, "compile": True, "autotune": "max-autotune"}  # mode suffixes -> zuoyou.load(compile=...)
-DEFAULT_MODES = "fp32,bf16,int8,hf-fp32,hf-bf16"
+DEFAULT_MODES = "fp32,bf16,int8,int4,hf-fp32,hf-bf16"
 
 
 def hwm_mb() -> float:

@@ -32,7 +32,7 @@ import zuoyou.api
 from zuoyou.cli import build_parser
 from zuoyou.errors import ConfigError
 from zuoyou.processor import Message
-from zuoyou.quantize import Int8Linear, compare_logits, image_code_logits, quantize_model, text_logits, weight_bytes
+from zuoyou.quantize import Int4Linear, Int8Linear, compare_logits, image_code_logits, quantize_model, text_logits, weight_bytes
 
 IMG_KL, TEXT_KL, AGREEMENT = 0.05, 0.01, 0.9
 SEEDS = range(8)
@@ -80,20 +80,52 @@ def test_quantize_model_swaps_lm_linears_and_heads_only(tiny_dir):
     assert isinstance(lm.model.embed_tokens, torch.nn.Embedding)
     assert weight_bytes(lm.model.layers) < 0.3 * before  # fp32 -> int8 + per-channel scales
     assert quantize_model(model, None) is model
-    with pytest.raises(ConfigError, match="int4"):
-        quantize_model(model, "int4")
+    with pytest.raises(ConfigError, match="int5"):
+        quantize_model(model, "int5")
+
+
+@pytest.mark.parametrize("rows", [1, 7, 40])
+def test_int4_linear_matches_dequantised_weights(rows):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48)
+    q = Int4Linear.from_linear(lin, group=Int4Linear.group_for(lin))
+    assert q.group == 64 and q.packed.dtype == torch.uint8 and q.packed.shape == (48, 64)
+    w, dq = lin.weight.detach(), q.dequantize().float()
+    # every weight within half a step of its group's grid (+ bf16 rounding of scale and zero)
+    wg = w.reshape(48, 2, 64)
+    half_step = ((wg.amax(-1) - wg.amin(-1)) / 30)[..., None].expand_as(wg).reshape(48, 128)
+    assert ((dq - w).abs() <= half_step * 1.05 + 1e-3).all()
+    x = torch.randn(rows, 128)
+    want = x.to(torch.bfloat16).float() @ dq.t() + lin.bias.detach()
+    assert torch.allclose(q(x), want, atol=0.03, rtol=0.02)
+
+
+def test_int4_keeps_int8_where_the_kernel_does_not_fit(tiny_dir):
+    assert Int4Linear.group_for(torch.nn.Linear(64, 24)) is None  # out % 16
+    assert Int4Linear.group_for(torch.nn.Linear(48, 32)) is None  # in % 32
+    assert Int4Linear.group_for(torch.nn.Linear(96, 32)) == 32
+    model = zuoyou.api.load(tiny_dir, device="cpu").engine.model
+    before = weight_bytes(model.language_model.model.layers)
+    quantize_model(model, "int4")
+    lm = model.language_model
+    layer = lm.model.layers[0]
+    assert all(isinstance(m, Int4Linear) for m in (*layer.mlp.children(), layer.self_attn.q_proj, layer.self_attn.o_proj))
+    assert isinstance(lm.lm_head, Int8Linear) and isinstance(model.gen_head.vision_head, Int8Linear)
+    assert weight_bytes(lm.model.layers) < 0.2 * before  # fp32 -> 4 bits + a bf16 scale and zero per 32-64 weights
 
 
 def test_load_quantized_pipeline_and_cli_flag(tiny_dir):
-    pipe = zuoyou.api.load(tiny_dir, device="cpu", quantize="int8")
-    assert isinstance(pipe.engine.model.language_model.lm_head, Int8Linear)
-    images = pipe.generate("a red circle", n=2, seed=0)
-    assert len(images) == 2 and images[0].size == (16, 16)
-    assert isinstance(pipe.ask(images[0], "What color is the circle?", max_new_tokens=4), str)
+    for mode in ("int8", "int4"):
+        pipe = zuoyou.api.load(tiny_dir, device="cpu", quantize=mode)
+        assert isinstance(pipe.engine.model.language_model.lm_head, Int8Linear)
+        images = pipe.generate("a red circle", n=2, seed=0)
+        assert len(images) == 2 and images[0].size == (16, 16)
+        assert isinstance(pipe.ask(images[0], "What color is the circle?", max_new_tokens=4), str)
     with pytest.raises(ConfigError):
         zuoyou.api.load(tiny_dir, device="cpu", quantize="int3")
     args = build_parser().parse_args(["generate", "a red circle", "-o", "x.png", "--quantize", "int8"])
     assert args.quantize == "int8"
+    assert build_parser().parse_args(["generate", "a red circle", "-o", "x.png", "--quantize", "int4"]).quantize == "int4"
     assert build_parser().parse_args(["ask", "q", "--image", "a.png"]).quantize is None
 
 

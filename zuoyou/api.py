@@ -118,7 +118,8 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
          compile: bool | str = False) -> Pipeline:
     """Load a checkpoint folder or hub id (None: the bundled ShapesWorld model) into a ``Pipeline``.
 
-    ``quantize="int8"``: int8 weight-only LM linears and heads (``zuoyou.quantize``), bf16 activations.
+    ``quantize="int8"``: int8 weight-only LM linears and heads (``zuoyou.quantize``), bf16 activations;
+    ``quantize="int4"`` (CPU): group-wise int4 decoder linears, int8 heads.
     ``compile=True``: ``torch.compile`` the one-token decode step (first call of each batch shape compiles);
     ``compile="max-autotune"``: autotuned, with frozen weights (see ``zuoyou.engine.Engine``).
     """

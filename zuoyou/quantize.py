@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 
-MODES = ("int8",)
+MODES = ("int8", "int4")
+INT4_GROUPS = (64, 32, 128, 256)  # group sizes the CPU int4 kernel takes, in order of preference
 PACK_MAX_ROWS = 16  # above this, dequantise + GEMM is faster than the int8 matrix-vector kernel
 
 
@@ -86,15 +87,83 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"
 
 
-def quantize_linears(module: nn.Module) -> int:
-    """Replace every ``nn.Linear`` below ``module`` (or ``module`` itself's children) in place; returns the count."""
+class Int4Linear(nn.Module):
+    """Group-wise asymmetric int4: ``w ~ (q - 8) * scale + zero`` per ``group`` input channels.
+
+    Stored in the layout of ATen's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, the "tinygemm"
+    convention of gpt-fast and torchao): ``packed`` (out, in / 2) uint8 and ``scales_zeros``
+    (in / group, out, 2) in the compute dtype. A quarter of the bf16 bytes (plus 1/``group`` of
+    scales), so a decode step that is bound by reading the weights reads ~3.6x less. The kernel
+    needs ``out % 16 == 0`` and ``in % group == 0`` (``Int4Linear.fits``); other layers stay int8.
+    """
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, group: int):
+        super().__init__()
+        self.out_features, self.in_features, self.group = packed.shape[0], in_features, group
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.register_buffer("bias", None if bias is None else bias.to(scales_zeros.dtype).contiguous())
+
+    @staticmethod
+    def group_for(linear: nn.Linear) -> int | None:
+        """The group size to use for ``linear``, or None if the kernel cannot take it."""
+        out, inp = linear.weight.shape
+        if out % 16:
+            return None
+        return next((g for g in INT4_GROUPS if inp % g == 0), None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int, rows: int = 2048) -> "Int4Linear":
+        w = linear.weight.detach()
+        compute = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
+        out, inp = w.shape
+        packed = torch.empty(out, inp // 2, dtype=torch.uint8)
+        sz = torch.empty(inp // group, out, 2, dtype=compute)
+        for i in range(0, out, rows):  # bounded int32/fp32 temporaries (packing is row-independent)
+            wg = w[i:i + rows].float().reshape(-1, inp // group, group)  # (r, G, g)
+            lo, hi = wg.amin(-1), wg.amax(-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-8).to(compute).float()  # quantise against the stored values
+            zero = (lo + 8 * scale).to(compute).float()
+            q = torch.round((wg - (zero - 8 * scale)[..., None]) / scale[..., None]).clamp_(0, 15)
+            packed[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.reshape(-1, inp).to(torch.int32).contiguous(), 2)
+            sz[:, i:i + rows] = torch.stack([scale, zero], -1).transpose(0, 1).to(compute)  # (G, r, 2)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(packed, sz.contiguous(), bias, inp, group)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.scales_zeros.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) weights in the compute dtype (tests, debugging): the kernel applied to the identity."""
+        eye = torch.eye(self.in_features, dtype=self.compute_dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}"
+
+
+def quantize_linears(module: nn.Module, mode: str = "int8") -> int:
+    """Replace every ``nn.Linear`` below ``module`` in place (int4 where the kernel fits, else int8); returns the count."""
     n = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear.from_linear(child))
+            group = Int4Linear.group_for(child) if mode == "int4" else None
+            q = Int4Linear.from_linear(child, group) if group else Int8Linear.from_linear(child)
+            setattr(module, name, q)
             n += 1
         else:
-            n += quantize_linears(child)
+            n += quantize_linears(child, mode)
     return n
 
 
@@ -110,13 +179,17 @@ def check_mode(mode: str | None) -> str | None:
 def quantize_model(model, mode: str | None):
     """Quantise a ``Janus`` in place: decoder-layer linears, ``lm_head`` and ``gen_head``. Returns the model.
 
-    ``mode``: None / "none" (no-op) or "int8". The text head is quantised separately from a tied
-    ``embed_tokens`` (the embedding table stays in float).
+    ``mode``: None / "none" (no-op), "int8", or "int4" (decoder layers in int4, the two heads in
+    int8: they are a few % of the bytes of a step and the first place where rounding shows). The
+    text head is quantised separately from a tied ``embed_tokens`` (the table stays in float).
     """
-    if check_mode(mode) is None:
+    mode = check_mode(mode)
+    if mode is None:
         return model
+    if mode == "int4" and next(model.parameters()).device.type != "cpu":
+        raise ConfigError("quantize='int4' uses ATen's CPU int4 kernel: load on the CPU, or use int8")
     lm = model.language_model
-    quantize_linears(lm.model.layers)
+    quantize_linears(lm.model.layers, mode)
     lm.lm_head = Int8Linear.from_linear(lm.lm_head)
     quantize_linears(model.gen_head)
     own_storage(model)
@@ -134,6 +207,21 @@ def own_storage(module: nn.Module) -> None:
         if t.is_floating_point():
             t.data = t.data.clone()
     gc.collect()  # the file mapping may sit in a reference cycle
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Quantising frees the float weights in pieces that glibc keeps in its heap for reuse, so the
+    process would stay as large as the unquantised model although it no longer uses that memory.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -149,9 +149,9 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
         opt.step()
         step += 1
         if step > warmup_steps and step % restart_every == 0:
-            if frac < 0.85:
-                usage[crowded_codes(vq, usage, min_code_dist)] = 0
-            n_dead = restart_dead_codes(vq, usage, torch.cat(recent)) if frac < 0.85 else int((usage == 0).sum())
+            # till the end: the codebook loss keeps dragging codes back into the background blob
+            usage[crowded_codes(vq, usage, min_code_dist)] = 0
+            n_dead = restart_dead_codes(vq, usage, torch.cat(recent))
             if step % (restart_every * 2) == 0:
                 log(f"vq step {step} {(time.time() - t0) / 60:.1f}min loss {loss.item():.4f} "
                     f"q {q_loss.item():.4f} consistency {c_loss.item():.4f} used {(usage > 0).sum().item()}/{K} restarted {n_dead}")
