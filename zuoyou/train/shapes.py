@@ -2,7 +2,8 @@
 
 Steps (each resumable; the output folder holds every intermediate):
 0. tokenizer: byte-level BPE trained with ``tokenizers`` on the world's text, Janus special tokens;
-1. VQ tokenizer trained on rendered scenes (``zuoyou.train.vq``), then frozen (as in Janus);
+1. VQ tokenizer trained on rendered scenes (``zuoyou.train.vq``), its redundant codes folded
+   (``consolidate_codes``), then frozen (as in Janus);
 2. the unified model, three stages of the one loop (``zuoyou.train.loop``), adapted to a
    from-scratch tiny model (documented in the README):
    - stage 1 "pixel dependence": und:text:gen = 1:0:3, simple one-object prompts (Janus-Pro trains
@@ -35,9 +36,9 @@ from ..processor import Message, Processor
 from ..shapes import caption, describe, sample_prompt, sample_question, sample_scene, scene_for_prompt
 from ..tokenizer import train_tokenizer
 from .batch import Example, conversation, generation_example
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .loop import Stage, train
-from .vq import code_entropy, encode_scenes, reconstruction_parse_rate, scenes_to_tensor, train_vq
+from .vq import code_entropy, consolidate_codes, encode_scenes, reconstruction_parse_rate, scenes_to_tensor, train_vq
 
 TRAIN_SEED = 1  # evaluation uses other seeds (zuoyou.evals.shapes)
 CFG_DROPOUT = 0.1
@@ -159,13 +160,19 @@ def run(out: Path, minutes: float = 90.0, vq_minutes: float = 25.0, seed: int = 
     vq = VQModel(cfg.vq)
     if not report.get("vq_done"):
         train_vq(vq, out / "vq", minutes=vq_minutes, seed=seed, log=log, resume=resume)
+        vq.eval()
+        report["vq_trained"] = {"parse_rate": reconstruction_parse_rate(vq, n=1000),
+                                "code_entropy": round(code_entropy(vq), 4)}
+        report["vq_folded_codes"] = consolidate_codes(vq) + consolidate_codes(vq, seed=6)
         report["vq_parse_rate"] = reconstruction_parse_rate(vq, n=1000)
         report["vq_code_entropy"] = round(code_entropy(vq), 4)
+        save_checkpoint(out / "vq_final", vq, folded=report["vq_folded_codes"])
         report["vq_done"] = True
         _write(out / "report.json", report)
     else:
-        load_checkpoint(out / "vq", vq)
-    log(f"vq: held-out reconstructions parse back exactly: {report['vq_parse_rate']:.4f}")
+        load_checkpoint(out / "vq_final", vq)
+    log(f"vq: held-out reconstructions parse back exactly: {report['vq_parse_rate']:.4f}; "
+        f"H(code | patch) {report['vq_code_entropy']:.3f} nats")
     vq.eval().requires_grad_(False)
 
     # 2. unified model, three stages
