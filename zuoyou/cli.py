@@ -67,7 +67,7 @@ def cmd_train_shapes(args) -> None:
     from .train.shapes import run
 
     report = run(Path(args.out), minutes=args.minutes, vq_minutes=args.vq_minutes, seed=args.seed,
-                 resume=not args.fresh, log=log)
+                 resume=not args.fresh, log=log, recipe=args.recipe)
     log(f"done: model in {Path(args.out) / 'model'}; report {Path(args.out) / 'report.json'}")
     if "defaults" in report:
         log(f"generation defaults: {report['defaults']}")
@@ -129,8 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="what", required=True)
     ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero (tokenizer, VQ, three stages)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
-    ts.add_argument("--minutes", type=float, default=90.0, help="wall-clock budget of the three LM stages (default 90)")
-    ts.add_argument("--vq-minutes", type=float, default=25.0, help="wall-clock budget of the VQ training (default 25)")
+    ts.add_argument("--recipe", choices=["v1", "v2"], default="v1",
+                    help="v1: the bundled model's recipe (default); v2: deterministic VQ codes, multi-question "
+                         "dialogues, more generation data (see the README for how it compared)")
+    ts.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock budget of the three LM stages (default: the recipe's, 77 for v1)")
+    ts.add_argument("--vq-minutes", type=float, default=None,
+                    help="wall-clock budget of the VQ training (default: the recipe's, 26 for v1)")
     ts.add_argument("--seed", type=int, default=1)
     ts.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT (default: resume)")
     ts.set_defaults(func=cmd_train_shapes)

@@ -12,7 +12,7 @@ from zuoyou.models.vq import VQModel
 from zuoyou.processor import Message, Processor, to_pil
 from zuoyou.tokenizer import train_tokenizer
 from zuoyou.train.batch import collate
-from zuoyou.train.shapes import ShapesData, build_shapes_model, corpus, stages
+from zuoyou.train.shapes import RECIPES, ShapesData, build_shapes_model, corpus, stages
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def data(tmp_path_factory):
     train_tokenizer(corpus(n=300), vocab_size=512).save(str(folder / "tokenizer.json"))
     proc = Processor.from_folder(folder, num_image_tokens=64, image_size=64, system_prompt="")
     torch.manual_seed(0)
-    return ShapesData(proc, VQModel(get_config("shapes").vq).eval())
+    return ShapesData(proc, VQModel(get_config("shapes").vq).eval(), questions=RECIPES["v2"].questions)
 
 
 def test_understanding_dialogue_targets_are_the_answers(data):
@@ -66,8 +66,19 @@ def test_generation_examples_and_cfg_dropout(data):
     assert b.gen_codes.numel() == 40 * 64 and int((b.code_targets >= 0).sum()) == 40 * 64
 
 
+def test_single_question_recipe_matches_the_inference_prompt(data):
+    one = ShapesData(data.processor, data.vq)  # v1: one question per example
+    ex = one.examples("und", 6, random.Random(3), stages(10)[2])
+    eos = data.processor.eos
+    assert all(sum(1 for i, m in zip(e.ids, e.loss_mask) if m and i == eos) == 1 for e in ex)
+    assert stages(10)[2].mix == (5, 1, 4) and stages(10, recipe=RECIPES["v2"])[2].mix == (3, 1, 6)
+
+
 def test_gen_embed_starts_from_the_codebook(data):
     vq = data.vq
-    model = build_shapes_model(None, vq, data.processor.tokenizer.get_vocab_size(with_added_tokens=True), seed=0)
+    vocab = data.processor.tokenizer.get_vocab_size(with_added_tokens=True)
+    model = build_shapes_model(None, vq, vocab, seed=0, embed_from_codebook=True)
     assert torch.equal(model.gen_embed.weight, vq.quantize.codebook())
+    plain = build_shapes_model(None, vq, vocab, seed=0)
+    assert plain.gen_embed.weight.std() < 0.05 and not torch.equal(plain.gen_embed.weight, vq.quantize.codebook())
     assert torch.equal(model.gen_vision_model.quantize.embedding.weight, vq.quantize.embedding.weight)

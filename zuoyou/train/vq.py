@@ -4,16 +4,18 @@ Recipe for flat synthetic scenes (no GAN or perceptual loss is needed: every pix
 seven colours, and what matters is that the judge parses the reconstruction back exactly):
 - loss = MSE + L1 on pixels in [-1, 1], + codebook loss ||sg(z) - e||^2 + 0.25 ||z - sg(e)||^2
   on l2-normalised vectors (LlamaGen's quantiser);
-- a *content-consistency* loss: latents of 8x8 patches with identical pixels (in the batch) are
-  pulled to their mean. Without it the conv/attention encoder gives the same patch a slightly
-  different latent in every context, and a 4096-code book splits those into many codes: the
-  first bundled VQ mapped the empty background patch (75 % of all patches) to 2 388 different
-  codes (H(code | patch) = 5.6 nats), so the LM spent its capacity and samples on noise;
-- a short plain-autoencoder warm-up, then the codebook is initialised from encoder outputs,
-  and codes unused for a while are restarted on recent latents. Both draw one latent per
-  *distinct patch content* (not per patch), so codes spread over contents instead of piling
-  up on the frequent background;
+- a short plain-autoencoder warm-up, then the codebook is initialised from encoder outputs
+  (random latents), and codes unused for a while are restarted on recent latents;
 - bf16 autocast (these CPUs have avx512_bf16), AdamW, cosine decay.
+
+Options so that a patch always gets the same code (recipe ``v2`` of ``zuoyou.train.shapes``;
+off by default, see there why). The plain recipe maps the empty background patch (75 % of all
+patches) to thousands of codes (H(code | patch) = 5.6 nats in the bundled model's VQ), because
+the conv/attention encoder gives the same patch a slightly different latent in every context:
+- ``consistency``: latents of identical 8x8 patches in a batch are pulled to their mean;
+- ``per_content_pool``: init and restarts draw one latent per distinct patch content;
+- ``min_code_dist``: of two codes closer than this, the less used one is restarted;
+- ``consolidate_codes`` after training folds codes serving one content into its main code.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def restart_dead_codes(vq: VQModel, usage: torch.Tensor, recent: torch.Tensor) -
 
 def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float = 2e-3, seed: int = 0,
              warmup_steps: int = 150, restart_every: int = 50, log=print, resume: bool = True,
-             crop: int | None = 32, consistency: float = 1.0, min_code_dist: float = 0.05) -> VQModel:
+             crop: int | None = 32, consistency: float = 0.0, min_code_dist: float = 0.0,
+             per_content_pool: bool = False) -> VQModel:
     """Train ``vq`` for about ``minutes`` of wall time; checkpoints atomically to ``out_ckpt``."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -135,7 +138,8 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
         groups = patch_groups(x, h.shape[-1])
         means = group_means(zn.detach(), groups)  # (G, D) one latent per distinct patch content
         c_loss = F.mse_loss(zn, means[groups]) * zn.shape[1]  # mean squared distance to the group mean
-        recent = (recent + [F.normalize(means, dim=-1)])[-8:]
+        pool = F.normalize(means, dim=-1) if per_content_pool else zn.detach()
+        recent = (recent + [pool])[-8:]
         if step == warmup_steps:  # codebook init: distinct random latents
             pool = torch.cat(recent)
             vq.quantize.embedding.weight.data = F.normalize(pool[torch.randint(0, len(pool), (K,))] + 0.01 * torch.randn(K, pool.shape[1]), dim=-1)
@@ -149,9 +153,10 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
         opt.step()
         step += 1
         if step > warmup_steps and step % restart_every == 0:
-            # till the end: the codebook loss keeps dragging codes back into the background blob
-            usage[crowded_codes(vq, usage, min_code_dist)] = 0
-            n_dead = restart_dead_codes(vq, usage, torch.cat(recent))
+            if min_code_dist > 0:  # till the end: the codebook loss keeps dragging codes back into the background blob
+                usage[crowded_codes(vq, usage, min_code_dist)] = 0
+            restart = frac < 0.85 or min_code_dist > 0
+            n_dead = restart_dead_codes(vq, usage, torch.cat(recent)) if restart else int((usage == 0).sum())
             if step % (restart_every * 2) == 0:
                 log(f"vq step {step} {(time.time() - t0) / 60:.1f}min loss {loss.item():.4f} "
                     f"q {q_loss.item():.4f} consistency {c_loss.item():.4f} used {(usage > 0).sum().item()}/{K} restarted {n_dead}")
