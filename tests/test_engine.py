@@ -125,3 +125,12 @@ def test_autotuned_int8_decode_step(tiny_dir, monkeypatch):
         monkeypatch.undo()
     assert (codes[0] == codes[1]).float().mean() >= 0.9
     assert len(tuned.generate("a blue square left of a green cross", n=1, seed=0)) == 1
+
+
+def test_vq_decode_chunks_hold_about_one_janus_image(tiny_pipe, monkeypatch):
+    engine = tiny_pipe.engine
+    assert engine.decode_chunk == (384 * 384) // 16 ** 2  # tiny: 16 px images
+    monkeypatch.setattr(engine.model.config.vq, "image_size", 384)
+    assert engine.decode_chunk == 1  # Janus: one 384 x 384 image per decoder call
+    monkeypatch.setattr(engine.model.config.vq, "image_size", 64)
+    assert engine.decode_chunk == 36  # the bundled ShapesWorld model
