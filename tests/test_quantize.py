@@ -145,22 +145,31 @@ def models(tiny_dir):
     }
 
 
+def pooled(proc, ref, models: dict, items, cfg: float = 5.0) -> dict:
+    """Each model vs ``ref`` over ``items`` = (gen ids, uncond ids, codes, und ids, pixels, answer), pooled:
+    {name: {"image": compare_logits(...), "text": compare_logits(...)}}."""
+    refs, outs = {"image": [], "text": []}, {k: {"image": [], "text": []} for k in models}
+    for ids, un, codes, uids, px, answer in items:
+        for m, bucket in ((ref, refs), *((models[k], outs[k]) for k in models)):
+            bucket["image"].append(image_code_logits(m, ids, un, codes, cfg=cfg))
+            bucket["text"].append(text_logits(m, torch.tensor(uids), px, proc.image_id, answer))
+    return {k: {part: compare_logits(torch.cat(refs[part]), torch.cat(outs[k][part])) for part in refs} for k in models}
+
+
 def guard(proc, ref, model, seeds=SEEDS):
     """Pooled over seeds: {"image": compare_logits(...), "text": compare_logits(...)}."""
-    refs, outs = {"image": [], "text": []}, {"image": [], "text": []}
     cfg = ref.config
+    ids = torch.tensor(proc.generation_ids("a blue square left of a green cross"))
+    un = torch.tensor(proc.uncond_ids(ids.tolist()))
+    items = []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
-        ids = torch.tensor(proc.generation_ids("a blue square left of a green cross"))
-        un = torch.tensor(proc.uncond_ids(ids.tolist()))
         codes = torch.randint(0, cfg.image_token_size, (cfg.vq.num_tokens,), generator=g)
         img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
         uids, px = proc.understanding_inputs([Message("user", "What color is the circle?", [img])])
         answer = torch.randint(10, cfg.lm.vocab_size - 20, (64,), generator=g)
-        for m, bucket in ((ref, refs), (model, outs)):
-            bucket["image"].append(image_code_logits(m, ids, un, codes))
-            bucket["text"].append(text_logits(m, torch.tensor(uids), px, proc.image_id, answer))
-    return {k: compare_logits(torch.cat(refs[k]), torch.cat(outs[k])) for k in refs}
+        items.append((ids, un, codes, uids, px, answer))
+    return pooled(proc, ref, {"model": model}, items)["model"]
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int8-bf16"])
@@ -199,20 +208,17 @@ def test_int4_quality_on_the_bundled_model():
     ref, proc = pipe.engine.model, pipe.engine.processor
     lossy = {m: quantize_model(copy.deepcopy(ref), m) for m in ("int8", "int4")}
     rng = random.Random(0)
-    refs, outs = {"image": [], "text": []}, {m: {"image": [], "text": []} for m in lossy}
-    prompt = "a photo of a red circle left of a blue square"
-    ids = torch.tensor(proc.generation_ids(prompt))
+    ids = torch.tensor(proc.generation_ids("a photo of a red circle left of a blue square"))
     un = torch.tensor(proc.uncond_ids(ids.tolist()))
+    items = []
     for _ in range(6):
         scene = sample_scene(rng)
         codes = encode_scenes(ref.gen_vision_model, [scene])[0]
         _, q, a = sample_question(rng, scene)
         uids, px = proc.understanding_inputs([Message("user", q, [render_image(scene)])])
         answer = torch.tensor(proc.tokenizer.encode(" " + a, add_special_tokens=False).ids + [proc.eos])
-        for m, bucket in ((ref, refs), *((lossy[k], outs[k]) for k in lossy)):
-            bucket["image"].append(image_code_logits(m, ids, un, codes, cfg=pipe.defaults.cfg))
-            bucket["text"].append(text_logits(m, torch.tensor(uids), px, proc.image_id, answer))
-    r = {k: {part: compare_logits(torch.cat(refs[part]), torch.cat(outs[k][part])) for part in refs} for k in lossy}
+        items.append((ids, un, codes, uids, px, answer))
+    r = pooled(proc, ref, lossy, items, cfg=pipe.defaults.cfg)
     print(r)
     assert r["int4"]["image"]["kl_mean"] < IMG_KL and r["int4"]["text"]["kl_mean"] < TEXT_KL
     assert r["int4"]["image"]["kl_mean"] > r["int8"]["image"]["kl_mean"]  # fewer bits, more loss

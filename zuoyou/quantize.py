@@ -94,7 +94,7 @@ class Int4Linear(nn.Module):
     convention of gpt-fast and torchao): ``packed`` (out, in / 2) uint8 and ``scales_zeros``
     (in / group, out, 2) in the compute dtype. A quarter of the bf16 bytes (plus 1/``group`` of
     scales), so a decode step that is bound by reading the weights reads ~3.6x less. The kernel
-    needs ``out % 16 == 0`` and ``in % group == 0`` (``Int4Linear.fits``); other layers stay int8.
+    needs ``out % 16 == 0`` and ``in % group == 0`` (``Int4Linear.group_for``); other layers stay int8.
     """
 
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,

@@ -126,8 +126,7 @@ def prompt_gain(pipe, n: int = 24, seed: int = VALID_SEED) -> float:
         nll = []
         for text in (p.text, other.text):
             ids = torch.tensor(proc.generation_ids(text))
-            with torch.no_grad():
-                lp = image_code_logits(model, ids, torch.tensor(proc.uncond_ids(ids.tolist())), codes, cfg=1.0)
+            lp = image_code_logits(model, ids, torch.tensor(proc.uncond_ids(ids.tolist())), codes, cfg=1.0)
             nll.append(-lp.log_softmax(-1)[torch.arange(len(codes)), codes].sum().item())
         gains.append(nll[1] - nll[0])
     return sum(gains) / len(gains)

@@ -103,6 +103,7 @@ class ShapesData:
         scenes = [sample_scene(rng) for _ in range(n)]
         # several questions about one image in one conversation: the image (64 positions) is
         # paid for once and each answer is a target; the first turn is exactly the inference prompt
+        # (a single choice draws no random number, so v1's data stream is the one it was built with)
         count = (lambda: rng.choice(self.questions)) if len(self.questions) > 1 else (lambda: self.questions[0])
         qas = [[sample_question(rng, s)[1:] for _ in range(count())] for s in scenes]
         if kind == "und":
@@ -125,6 +126,7 @@ class ShapesData:
             msgs.append(Message("assistant", a))
         ids, mask = conversation(self.processor, msgs, self.system)
         return Example(ids, mask.index(True), image=image, loss_mask=mask)
+
 
 def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v1"]) -> list[Stage]:
     m1, m2, m3 = (share * minutes for share in recipe.shares)

@@ -135,10 +135,13 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
             q_loss = F.mse_loss(zq_raw, z.detach()) + 0.25 * F.mse_loss(z, zq_raw.detach())
             usage += torch.bincount(codes.flatten(), minlength=K).float()
         zn = F.normalize(h, dim=1).permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (B*g*g, D)
-        groups = patch_groups(x, h.shape[-1])
-        means = group_means(zn.detach(), groups)  # (G, D) one latent per distinct patch content
-        c_loss = F.mse_loss(zn, means[groups]) * zn.shape[1]  # mean squared distance to the group mean
-        pool = F.normalize(means, dim=-1) if per_content_pool else zn.detach()
+        c_loss, pool = torch.zeros(()), zn.detach()
+        if consistency or per_content_pool:  # (the plain recipe skips the per-step patch grouping)
+            groups = patch_groups(x, h.shape[-1])
+            means = group_means(zn.detach(), groups)  # (G, D) one latent per distinct patch content
+            c_loss = F.mse_loss(zn, means[groups]) * zn.shape[1]  # mean squared distance to the group mean
+            if per_content_pool:
+                pool = F.normalize(means, dim=-1)
         recent = (recent + [pool])[-8:]
         if step == warmup_steps:  # codebook init: distinct random latents
             pool = torch.cat(recent)
@@ -208,14 +211,19 @@ def same_scene(want, got, tol: float = 1.0) -> bool:
 
 
 @torch.no_grad()
+def content_codes(vq: VQModel, n: int, seed: int, chunk: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` seeded scenes -> (patch-content group ids, codes), both (n*g*g,) in raster order."""
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    codes = torch.cat([encode_scenes(vq, scenes[i:i + chunk]) for i in range(0, n, chunk)]).flatten()
+    return patch_groups(scenes_to_tensor(scenes), math.isqrt(codes.numel() // n)), codes
+
+
+@torch.no_grad()
 def code_entropy(vq: VQModel, n: int = 500, seed: int = 10_000_019) -> float:
     """H(code | patch content) in nats over held-out scenes: 0 = every distinct 8x8 patch always gets
     the same code. The LM must model this noise on top of the image, so it should be small."""
-    rng = random.Random(seed)
-    scenes = [sample_scene(rng) for _ in range(n)]
-    x = scenes_to_tensor(scenes)
-    codes = encode_scenes(vq, scenes).flatten()  # (n*g*g,) raster order, as patch_groups
-    groups = patch_groups(x, math.isqrt(codes.numel() // n))
+    groups, codes = content_codes(vq, n, seed, chunk=n)
     pairs = torch.unique(torch.stack([groups, codes]), dim=1, return_counts=True)
     (g, _), c = pairs
     per_group = torch.zeros(int(groups.max()) + 1).index_add_(0, g, c.float())
@@ -233,11 +241,7 @@ def consolidate_codes(vq: VQModel, n: int = 2000, purity: float = 0.9, seed: int
     background above all); they decode alike, so folding them changes the pixels little (checked by
     the parse rate measured afterwards) and removes that noise from what the LM has to predict.
     """
-    rng = random.Random(seed)
-    scenes = [sample_scene(rng) for _ in range(n)]
-    x = scenes_to_tensor(scenes)
-    codes = torch.cat([encode_scenes(vq, scenes[i:i + 200]) for i in range(0, n, 200)]).flatten()
-    groups = patch_groups(x, math.isqrt(codes.numel() // n))
+    groups, codes = content_codes(vq, n, seed)
     K = vq.config.codebook_size
     pair = groups * K + codes
     uniq, cnt = torch.unique(pair, return_counts=True)
