@@ -108,8 +108,10 @@ def num_targets(examples: list[Example]) -> tuple[int, int]:
     return text, sum(len(e.codes) for e in examples if e.codes is not None)
 
 
-def loss_fn(model: Janus, batch: Batch, norm: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict]:
+def loss_fn(model: Janus, batch: Batch, norm: tuple[int, int] | None = None, trunk=None) -> tuple[torch.Tensor, dict]:
     """Mean text CE + mean image-code CE (each over its own targets).
+
+    ``trunk``: a stand-in for ``model.hidden`` (the loop passes the compiled transformer trunk).
 
     ``norm=(text, codes)``: summed CEs divided by these counts instead, the counts of a whole
     global batch; the losses of its slices (micro-batches, ranks) then add up to its mean loss.
@@ -118,7 +120,7 @@ def loss_fn(model: Janus, batch: Batch, norm: tuple[int, int] | None = None) -> 
     if batch.gen_codes.numel():
         x = x.clone()
         x[batch.gen_mask] = model.embed_image_codes(batch.gen_codes).to(x.dtype)  # (M, D) image codes
-    h = model.hidden(x)  # (B, T, D), causal
+    h = (model.hidden if trunk is None else trunk)(x)  # (B, T, D), causal
     stats, total = {}, 0.0
     heads = (("text", batch.text_targets, model.text_logits), ("image", batch.code_targets, model.image_logits))
     for i, (name, targets, head) in enumerate(heads):

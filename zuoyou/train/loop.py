@@ -83,15 +83,19 @@ def set_trainable(model: torch.nn.Module, frozen: tuple[str, ...]) -> list[torch
 def train(model, stages: list[Stage], data: DataSource, out: Path, seed: int = 0, resume: bool = True,
           on_stage_end: Callable[[Stage], dict] | None = None, log=print, checkpoint_every: float = 120.0,
           autocast: bool = True, progress: bool = True, max_steps: int | None = None, threads="auto",
-          checkpoint_steps: int | None = None, on_step: Callable | None = None, fsdp: bool = False) -> dict:
+          checkpoint_steps: int | None = None, on_step: Callable | None = None, fsdp: bool = False,
+          compile: bool = False) -> dict:
     """Run ``stages`` in order; returns the training log. ``max_steps`` stops early (tests).
 
     ``checkpoint_steps``: also checkpoint every that many steps (deterministic, unlike the clock).
     ``on_step(stage, step, stats, evaluate)`` after each step; ``evaluate(examples)`` -> mean losses.
     Under ``torchrun`` the loop runs data-parallel (``zuoyou.train.distributed``; ``fsdp`` shards).
+    ``compile``: the transformer trunk runs through ``torch.compile`` (dynamic shapes; one process, no
+    micro-batches): ~20 % faster steps on the ShapesWorld model here, ~10 s to compile.
     """
     ckpt = Path(out) / "checkpoint"
     par = Parallel(model, fsdp)
+    trunk = torch.compile(model.language_model.model, dynamic=True) if compile else None
     if par.rank:
         log, progress = (lambda *a, **k: None), False
     history = {"stages": [], "seed": seed}
@@ -141,7 +145,7 @@ def train(model, stages: list[Stage], data: DataSource, out: Path, seed: int = 0
             counts = split_counts(st.batch_size, st.mix, rng)
             examples = [e for k in KINDS if counts[k] for e in data.examples(k, counts[k], rng, st)]
             opt.zero_grad(set_to_none=True)
-            stats = run_batch(model, par, examples, data.processor, st, autocast)
+            stats = run_batch(model, par, examples, data.processor, st, autocast, trunk=trunk)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
@@ -219,7 +223,7 @@ class ThreadTuner:
 
 
 def run_batch(model, par: Parallel, examples: list[Example], proc, st: Stage, autocast: bool,
-              backward: bool = True) -> dict[str, float]:
+              backward: bool = True, trunk=None) -> dict[str, float]:
     """Forward (+ backward) one global batch: this rank's slice, in ``st.grad_accum`` micro-batches.
 
     One process, one micro-batch: the plain mean loss. Otherwise each slice's loss is normalised
@@ -229,7 +233,7 @@ def run_batch(model, par: Parallel, examples: list[Example], proc, st: Stage, au
     if par.world == 1 and st.grad_accum == 1 and backward:
         batch = _to(collate(examples, proc), dev)
         with _compute(dev, autocast):
-            loss, stats = loss_fn(model, batch)
+            loss, stats = loss_fn(model, batch, trunk=trunk)
         loss.backward()
         return stats
     norm = num_targets(examples)

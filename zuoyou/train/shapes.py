@@ -59,12 +59,16 @@ class Recipe:
     embed_from_codebook: bool  # gen_embed starts as a copy of the VQ codebook
     minutes: float
     vq_minutes: float
+    encoder_minutes: float = 0.0  # understanding-encoder pre-training (``zuoyou.train.vit``); 0 = none
+    compile: bool = False  # compiled trunk in the LM stages (``train(compile=True)``)
 
 
 RECIPES = {
     "v1": Recipe({}, False, (0.08, 0.43, 0.49), ((2, 3, 5), (5, 1, 4)), (1,), False, 77.0, 26.0),
     "v2": Recipe({"consistency": 1.0, "min_code_dist": 0.05, "per_content_pool": True}, True, (0.08, 0.40, 0.52),
                  ((2, 1, 5), (3, 1, 6)), (1, 2, 3), True, 85.0, 25.0),
+    # v1's VQ, a pre-trained understanding encoder, so fewer understanding and more generation examples
+    "v3": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 72.0, 26.0, 8.0, True),
 }
 
 
@@ -76,6 +80,13 @@ def corpus(n: int = 20000, seed: int = TRAIN_SEED):
         _, q, a = sample_question(rng, scene)
         yield f"<|User|>: {q}\n\n<|Assistant|>: {a}"
         yield describe(scene)
+
+
+@torch.no_grad()
+def as_drawn(vq: VQModel, images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) images -> their VQ reconstructions, rounded as when saved to a PNG."""
+    x = vq.decode_code(vq.encode(images)[1]).clamp(-1, 1)
+    return torch.round((x + 1) * 127.5) / 127.5 - 1
 
 
 class ShapesData:
@@ -111,10 +122,7 @@ class ShapesData:
             # a share of VQ reconstructions, so that the model also reads images drawn by a model
             recon = [i for i in range(n) if rng.random() < RECON_SHARE]
             if recon:
-                with torch.no_grad():
-                    codes = self.vq.encode(images[recon])[1]
-                    x = self.vq.decode_code(codes).clamp(-1, 1)
-                images[recon] = torch.round((x + 1) * 127.5) / 127.5 - 1  # as saved to a PNG
+                images[recon] = as_drawn(self.vq, images[recon])
             return [self._dialogue(q, img) for q, img in zip(qas, images)]
         # text-only: the scene is given in words, the questions are the same
         return [self._dialogue(q, None, f"Scene: {describe(s)}.\n") for s, q in zip(scenes, qas)]
@@ -131,8 +139,11 @@ class ShapesData:
 def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v1"]) -> list[Stage]:
     m1, m2, m3 = (share * minutes for share in recipe.shares)
     mix2, mix3 = recipe.mixes
+    # a pre-trained encoder stays frozen while the random aligner learns to read it (Janus stage 1)
+    frozen = ("gen_vision_model.", "vision_model.") if recipe.encoder_minutes else ("gen_vision_model.",)
     return [
-        Stage("stage1", lr=1e-3, minutes=m1, warmup=100, mix=(1, 0, 3), batch_size=batch_size, options={"simple": True}),
+        Stage("stage1", lr=1e-3, minutes=m1, warmup=100, mix=(1, 0, 3), batch_size=batch_size, options={"simple": True},
+              frozen=frozen),
         Stage("stage2", lr=1e-3, minutes=m2, warmup=0, mix=mix2, batch_size=batch_size),
         Stage("stage3", lr=1e-3, minutes=m3, warmup=0, decay=True, mix=mix3, batch_size=batch_size),
     ]
@@ -204,8 +215,10 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
         f"H(code | patch) {report['vq_code_entropy']:.3f} nats")
     vq.eval().requires_grad_(False)
 
-    # 2. unified model, three stages
+    # 2. unified model (its understanding encoder pre-trained first if the recipe says so), three stages
     model = build_shapes_model(out, vq, max(vocab, 64), seed, rec.embed_from_codebook)
+    if rec.encoder_minutes:
+        _pretrained_encoder(model, vq, out, rec.encoder_minutes, seed, report, resume, log)
     processor.num_image_tokens = cfg.vision.num_patches
     data = ShapesData(processor, vq, questions=rec.questions)
 
@@ -214,7 +227,8 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
 
         return quick_eval(_pipeline(model, processor, None), log=log)
 
-    history = train(model, stages(minutes, recipe=rec), data, out, seed=seed, resume=resume, on_stage_end=stage_eval, log=log)
+    history = train(model, stages(minutes, recipe=rec), data, out, seed=seed, resume=resume, on_stage_end=stage_eval, log=log,
+                    compile=rec.compile)
     report["training"] = history
     report["train_minutes_this_run"] = round((time.time() - t_start) / 60, 1)
     folder = out / "model"
@@ -230,6 +244,25 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
     report["defaults"] = defaults
     _write(out / "report.json", report)
     return report
+
+
+def _pretrained_encoder(model: Janus, vq: VQModel, out: Path, minutes: float, seed: int, report: dict, resume: bool,
+                        log) -> None:
+    """Pre-train ``model.vision_model`` (or load it from ``out/encoder`` when done before)."""
+    from .vit import pretrain_encoder
+
+    tower = model.vision_model
+    if resume and report.get("encoder_done"):
+        load_checkpoint(out / "encoder", tower)
+        return
+
+    # a share of VQ reconstructions, as the LM stages use
+    report["encoder"] = pretrain_encoder(tower, minutes, seed=seed, reconstruct=lambda x: as_drawn(vq, x),
+                                         recon_share=RECON_SHARE, log=log)
+    log(f"encoder pre-training: {report['encoder']}")
+    save_checkpoint(out / "encoder", tower)
+    report["encoder_done"] = True
+    _write(out / "report.json", report)
 
 
 def _pipeline(model: Janus, processor: Processor, defaults):
