@@ -9,7 +9,7 @@ import torch
 
 from zuoyou.config import get_config
 from zuoyou.models.siglip import CLIPVisionTower
-from zuoyou.shapes.world import Obj, Scene, render, sample_scene
+from zuoyou.shapes.world import Obj, Scene, sample_scene
 from zuoyou.train.vit import NUM_CENTRE, centre_class, patch_targets, pretrain_encoder
 
 
