@@ -71,7 +71,7 @@ def test_single_question_recipe_matches_the_inference_prompt(data):
     ex = one.examples("und", 6, random.Random(3), stages(10)[2])
     eos = data.processor.eos
     assert all(sum(1 for i, m in zip(e.ids, e.loss_mask) if m and i == eos) == 1 for e in ex)
-    assert stages(10)[2].mix == (5, 1, 4) and stages(10, recipe=RECIPES["v2"])[2].mix == (3, 1, 6)
+    assert stages(10, recipe=RECIPES["v1"])[2].mix == (5, 1, 4) and stages(10, recipe=RECIPES["v2"])[2].mix == (3, 1, 6)
 
 
 def test_gen_embed_starts_from_the_codebook(data):

@@ -10,14 +10,15 @@ Steps (each resumable; the output folder holds every intermediate):
    - stage 1 "pixel dependence": und:text:gen = 1:0:3, simple one-object prompts (Janus-Pro trains
      on ImageNet class names here). Unlike Janus, only the VQ (and a pre-trained encoder) is
      frozen: our LM starts random, so freezing it would teach nothing;
-   - stage 2 unified pre-training: 2:3:5, every caption style and question type;
-   - stage 3 SFT: 5:1:4, learning rate decayed to 2 % (most of the late gain of a small model).
+   - stage 2 unified pre-training: 2:1:7 (v3; v1 2:3:5), every caption style and question type;
+   - stage 3 SFT: 3:1:6 (v3; v1 5:1:4), learning rate decayed to 2 % (most of the late gain of a
+     small model).
    CFG prompt dropout (10 %) uses exactly the unconditional prompt of inference.
 3. generation defaults (CFG, temperature) chosen on validation prompts (seeds disjoint from the
    evaluation), written to ``generation_defaults.json``; then the final evaluations.
 
-Three recipes (``RECIPES``); ``v3``, the default, built the bundled model. ``v1`` built the first one. ``v2`` gives a far
-better VQ (every patch content one code: H(code | patch) 0.20 instead of 5.6 nats; 98.6 % instead
+Three recipes (``RECIPES``); ``v3``, the default, built the bundled model, ``v1`` the first one.
+``v2`` gives a far better VQ (every patch content one code: H(code | patch) 0.20 instead of 5.6 nats; 98.6 % instead
 of 93.3 % exact reconstructions), multi-question dialogues, more generation data and ``gen_embed``
 started from the codebook; but its LM learned to use the prompt far more slowly (measured:
 README, "Measured results"), so it is kept as an option, not the default. ``v3`` is v1's VQ with a
@@ -140,7 +141,7 @@ class ShapesData:
         return Example(ids, mask.index(True), image=image, loss_mask=mask)
 
 
-def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v1"]) -> list[Stage]:
+def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v3"]) -> list[Stage]:
     m1, m2, m3 = (share * minutes for share in recipe.shares)
     mix2, mix3 = recipe.mixes
     # a pre-trained encoder stays frozen while the random aligner learns to read it (Janus stage 1)

@@ -27,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.siglip import CLIPVisionTower
-from ..shapes.world import COLORS, SHAPES, SIZES, render, sample_scene, shape_mask
+from ..shapes.world import COLORS, SHAPES, SIZES, sample_scene, shape_mask
+from .loop import Stage
+from .vq import scenes_to_tensor
 
 PATCH = 8
 _SHAPES, _COLORS, _SIZES = list(SHAPES), list(COLORS), list(SIZES)
@@ -68,9 +70,8 @@ class PatchHead(nn.Module):
 
 def batch(rng: random.Random, n: int, reconstruct=None, recon_share: float = 0.0):
     scenes = [sample_scene(rng) for _ in range(n)]
-    imgs = np.stack([render(s) for s in scenes])  # (n, 64, 64, 3) uint8
-    targets = [patch_targets(s, imgs.shape[1]) for s in scenes]
-    x = torch.from_numpy(imgs.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()  # (n, 3, 64, 64)
+    x = scenes_to_tensor(scenes)  # (n, 3, 64, 64)
+    targets = [patch_targets(s, x.shape[-1]) for s in scenes]
     recon = [i for i in range(n) if rng.random() < recon_share]
     if recon and reconstruct is not None:  # images as a model draws them, targets of the scene drawn
         x[recon] = reconstruct(x[recon])
@@ -100,12 +101,12 @@ def pretrain_encoder(tower: CLIPVisionTower, minutes: float, seed: int = 0, batc
     head = PatchHead(tower.vision_tower.norm.normalized_shape[0])
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = Stage("encoder", lr=lr, minutes=minutes, warmup=100, decay=True)  # the LM stages' schedule
     tower.train()
-    t0, step, stats, budget = time.time(), 0, {}, minutes * 60
-    while (time.time() - t0) < budget and (max_steps is None or step < max_steps):
-        frac = min(1.0, (time.time() - t0) / budget)
+    t0, step, stats = time.time(), 0, {}
+    while (frac := sched.progress(step, time.time() - t0)) < 1.0 and (max_steps is None or step < max_steps):
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * frac)))
+            g["lr"] = sched.lr_at(step, frac)
         x, centre, offset, cover = batch(rng, batch_size, reconstruct, recon_share)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = tower(x)  # (B, 64, width)
