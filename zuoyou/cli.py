@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model")
     tsub = t.add_subparsers(dest="what", required=True)
-    ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero (tokenizer, VQ, encoder pre-training, three stages)")
+    ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero "
+                                        "(tokenizer, VQ, encoder pre-training, three stages)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
     ts.add_argument("--recipe", choices=["v1", "v2", "v3"], default="v3",
                     help="v3: the bundled model's recipe (default; v1's VQ, a pre-trained understanding encoder, "
