@@ -6,7 +6,8 @@
 A random ``JanusForConditionalGeneration`` of the chosen size (transformers' own init, bf16) is saved
 in the transformers layout and, via ``zuoyou.convert.hf_to_official``, in the official layout; each
 mode runs in its own subprocess on those weights (fp32 modes upcast the same bf16 values): zuoyou
-fp32 / bf16 / int8 (int8 weights, bf16 activations) / int4 (int4 decoder layers, int8 heads) [/ int8-fp32, "+compile" / "+autotune"], the port
+fp32 / bf16 / int8 (int8 weights, bf16 activations) / int4 (int4 decoder layers, int8 heads; zuoyou's VNNI
+kernel where available) [/ int4-aten (ATen's int4 kernel), int8-fp32, "+compile" / "+autotune"], the port
 in fp32 / bf16. Per mode: text-to-image (CFG 5, temperature 1, n = 1 and 4) prefill, ms per decode
 step (between calls of the image head; after a 2-step warm-up), VQ decode, s/image (extrapolated
 from ``--steps K``); understanding (one image + a question, greedy) prefill and ms per token; peak
@@ -37,7 +38,8 @@ QUESTION = "Describe the image."
 WORDS = ["a photo of a red circle", "a blue square left of a green cross", "How many objects are there?",
          "What color is the circle?", "one two three four zero yes no", "Describe the image."]
 ZUOYOU = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("bf16", "int8"), "int8-fp32": ("fp32", "int8"),
-          "int4": ("bf16", "int4")}
+          "int4": ("bf16", "int4"), "int4-aten": ("bf16", "int4")}
+ENV = {"int4-aten": {"ZUOYOU_INT4_KERNEL": "0"}}  # int4 on ATen's kernel instead of zuoyou's VNNI kernel
 HF = {"hf-fp32": torch.float32, "hf-bf16": torch.bfloat16}
 COMPILE = {"": False, "compile": True, "autotune": "max-autotune"}  # mode suffixes -> zuoyou.load(compile=...)
 DEFAULT_MODES = "fp32,bf16,int8,int4,hf-fp32,hf-bf16"
@@ -168,6 +170,12 @@ def kv_bytes(lm_cfg, rows: int, slots: int, dtype: torch.dtype) -> int:
     return 2 * lm_cfg.num_hidden_layers * rows * lm_cfg.num_key_value_heads * slots * lm_cfg.head_dim * elem
 
 
+def kv_slots(prompt: int, steps: int) -> float:
+    """Cache slots a decode step reads, on average over ``steps`` steps after a ``prompt``-token prefill
+    (both engines attend over the slots written so far; zuoyou's "+autotune" reads the whole cache)."""
+    return prompt + 1 + steps / 2
+
+
 def test_image(size: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
@@ -186,7 +194,8 @@ def measure(a: dict, T: int, K: int, gen, image_head, decode, ask, text_head, st
         codes = torch.randint(0, K, (n, T), generator=torch.Generator().manual_seed(0))
         t = time.perf_counter()
         decode(codes)
-        out[f"t2i_{n}"] = dict(r, warmup_s=warm, vq_s=time.perf_counter() - t, tokens=T, bytes_per_step=step_bytes(n))
+        out[f"t2i_{n}"] = dict(r, warmup_s=warm, vq_s=time.perf_counter() - t, tokens=T,
+                               bytes_per_step=step_bytes(n, r["steps_timed"]))
     out["und"] = dict(timed(ask, *text_head, None), bytes_per_step=und_bytes)
     out["rss_run_mb"] = hwm_mb()
     return out
@@ -215,8 +224,9 @@ def run_zuoyou(mode: str, a: dict, work: Path) -> dict:
         a, T, cfg.image_token_size, lambda n: pipe.generate(PROMPT, n=n, cfg=5.0, temperature=1.0, seed=0),
         (m, "image_logits"), engine._decode,
         lambda: pipe.ask(img, QUESTION, max_new_tokens=a["new_tokens"], temperature=0), (m, "text_logits"),
-        lambda n: layers + wb(m.gen_head) + wb(m.gen_aligner) + kv_bytes(cfg.lm, 2 * n, len(gids) + T, engine.dtype),
-        layers + wb(lm.lm_head) + kv_bytes(cfg.lm, 1, len(ids) + a["new_tokens"], engine.dtype),
+        lambda n, k: layers + wb(m.gen_head) + wb(m.gen_aligner)
+        + kv_bytes(cfg.lm, 2 * n, len(gids) + T if engine._whole_cache else kv_slots(len(gids), k), engine.dtype),
+        layers + wb(lm.lm_head) + kv_bytes(cfg.lm, 1, kv_slots(len(ids), a["new_tokens"]), engine.dtype),
         after=lm.clear_cache))  # a run stopped after K steps leaves its cache behind
     if not compiled and a["quality_tokens"]:
         g = torch.Generator().manual_seed(1)
@@ -264,8 +274,9 @@ def run_hf(mode: str, a: dict, work: Path) -> dict:
     with torch.inference_mode():
         out.update(measure(
             a, T, cfg.image_token_size, gen, (head, "forward"), hf.decode_image_tokens, ask, (hf.lm_head, "forward"),
-            lambda n: layers + wb(head) + wb(hf.model.generation_aligner) + kv_bytes(cfg.lm, 2 * n, ids.shape[1] + T, dtype),
-            layers + wb(hf.lm_head) + kv_bytes(cfg.lm, 1, uids.shape[1] + a["new_tokens"], dtype)))
+            lambda n, k: layers + wb(head) + wb(hf.model.generation_aligner)
+            + kv_bytes(cfg.lm, 2 * n, kv_slots(ids.shape[1], k), dtype),
+            layers + wb(hf.lm_head) + kv_bytes(cfg.lm, 1, kv_slots(uids.shape[1], a["new_tokens"]), dtype)))
     return out
 
 
@@ -376,7 +387,8 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             print(f"{mode} ...", end=" ", flush=True)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--workdir", str(work)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ, **ENV.get(mode.partition("+")[0], {}))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             res = work / f"result-{mode}.json"
             if proc.returncode != 0 or not res.is_file():
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -13,6 +13,8 @@ import torch
 
 import zuoyou.api
 from zuoyou.errors import ConfigError
+from zuoyou.kernels import int4 as int4_kernel
+from zuoyou.quantize import Int4Linear
 
 
 def pixels(images):
@@ -125,6 +127,23 @@ def test_autotuned_int8_decode_step(tiny_dir, monkeypatch):
         monkeypatch.undo()
     assert (codes[0] == codes[1]).float().mean() >= 0.9
     assert len(tuned.generate("a blue square left of a green cross", n=1, seed=0)) == 1
+
+
+@pytest.mark.skipif(not int4_kernel.available(), reason="no AVX-512 VNNI or no C++ compiler")
+def test_compiled_int4_decode_step_with_the_vnni_kernel(tiny_dir, monkeypatch):
+    """int4 on the VNNI kernel, eager and compiled (the kernel as a custom op inside the graph):
+    the same greedy codes. ~20-60 s."""
+    eager = zuoyou.api.load(tiny_dir, device="cpu", quantize="int4")
+    kernels = {m.kernel for m in eager.engine.model.modules() if isinstance(m, Int4Linear)}
+    assert kernels == {"vnni"}
+    compiled = zuoyou.api.load(tiny_dir, device="cpu", quantize="int4", compile=True)
+    codes = []
+    for pipe in (eager, compiled):
+        calls = capture_codes(pipe, monkeypatch)
+        pipe.generate("a red circle", n=2, temperature=0)
+        codes.append(calls[-1])
+        monkeypatch.undo()
+    assert torch.equal(codes[0], codes[1])
 
 
 def test_vq_decode_chunks_hold_about_one_janus_image(tiny_pipe, monkeypatch):

@@ -32,6 +32,7 @@ import zuoyou.api
 from zuoyou.cli import build_parser
 from zuoyou.errors import ConfigError
 from zuoyou.processor import Message
+from zuoyou.kernels import int4 as int4_kernel
 from zuoyou.quantize import Int4Linear, Int8Linear, compare_logits, image_code_logits, quantize_model, text_logits, weight_bytes
 
 IMG_KL, TEXT_KL, AGREEMENT = 0.05, 0.01, 0.9
@@ -84,12 +85,16 @@ def test_quantize_model_swaps_lm_linears_and_heads_only(tiny_dir):
         quantize_model(model, "int5")
 
 
+KERNELS = ["aten"] + (["vnni"] if int4_kernel.available() else [])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("rows", [1, 7, 40])
-def test_int4_linear_matches_dequantised_weights(rows):
+def test_int4_linear_matches_dequantised_weights(rows, kernel):
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 48)
-    q = Int4Linear.from_linear(lin, group=Int4Linear.group_for(lin))
-    assert q.group == 64 and q.packed.dtype == torch.uint8 and q.packed.shape == (48, 64)
+    q = Int4Linear.from_linear(lin, group=Int4Linear.group_for(lin), kernel=kernel)
+    assert q.group == 64 and q.packed.dtype == torch.uint8 and q.packed.numel() == 48 * 64
     w, dq = lin.weight.detach(), q.dequantize().float()
     # every weight within half a step of its group's grid (+ bf16 rounding of scale and zero)
     wg = w.reshape(48, 2, 64)
@@ -97,7 +102,44 @@ def test_int4_linear_matches_dequantised_weights(rows):
     assert ((dq - w).abs() <= half_step * 1.05 + 1e-3).all()
     x = torch.randn(rows, 128)
     want = x.to(torch.bfloat16).float() @ dq.t() + lin.bias.detach()
+    # the vnni kernel also rounds the activations to int8 (per group of 64): ~0.4 % of a group's largest
     assert torch.allclose(q(x), want, atol=0.03, rtol=0.02)
+
+
+def test_int4_unpack_matches_the_kernel_layout():
+    """Prefill (> PACK_MAX_ROWS rows) unpacks ATen's blocked layout with tensor ops: same weights,
+    same outputs as the kernel itself."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 192, bias=False).bfloat16()
+    q = Int4Linear.from_linear(lin, group=64, kernel="aten")
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    assert torch.equal(q.unpack(), torch.ops.aten._weight_int4pack_mm_for_cpu(eye, q.packed, 64, q.scales_zeros).t())
+    x = torch.randn(40, 256, dtype=torch.bfloat16)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.packed, q.group, q.scales_zeros)
+    assert torch.allclose(q(x).float(), kernel.float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.skipif(not int4_kernel.available(), reason="no AVX-512 VNNI or no C++ compiler")
+def test_vnni_kernel_against_its_own_arithmetic():
+    """The VNNI kernel equals, to float rounding, what it is meant to compute: int8 activations per
+    group of 64 (scale absmax/127) times the unpacked int4 weights; every row count up to 8 and a
+    remainder (9 = 8 + 1), a layout round trip, and the same model weights as the prefill path."""
+    torch.manual_seed(0)
+    N, K = 96, 320
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    assert torch.equal(int4_kernel.unpack(int4_kernel.pack(q)), q)
+    scale, low = torch.rand(N, K // 64).bfloat16() * 0.1, torch.randn(N, K // 64).bfloat16() * 0.1
+    w = q.float() * scale.float().repeat_interleave(64, 1) + low.float().repeat_interleave(64, 1)
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9):
+        x = torch.randn(rows, K)
+        xg = x.view(rows, K // 64, 64)
+        s = xg.abs().amax(-1, keepdim=True) / 127
+        xq = (torch.round(xg / s) * s).view(rows, K)  # what the kernel multiplies with
+        y = int4_kernel.mm(x, int4_kernel.pack(q), int4_kernel.by_block(scale), int4_kernel.by_block(low))
+        want = (xq @ (q.float() * scale.float().repeat_interleave(64, 1)).t()
+                + x @ low.float().repeat_interleave(64, 1).t())  # zero points use the exact group sums
+        assert torch.allclose(y, want, atol=1e-3, rtol=1e-4), rows
+        assert (y - x @ w.t()).abs().max() < 0.02 * (x @ w.t()).abs().max()  # int8 rounding, bounded
 
 
 def test_int4_keeps_int8_where_the_kernel_does_not_fit(tiny_dir):
@@ -222,3 +264,13 @@ def test_int4_quality_on_the_bundled_model():
     print(r)
     assert r["int4"]["image"]["kl_mean"] < IMG_KL and r["int4"]["text"]["kl_mean"] < TEXT_KL
     assert r["int4"]["image"]["kl_mean"] > r["int8"]["image"]["kl_mean"]  # fewer bits, more loss
+
+
+@pytest.mark.skipif(not int4_kernel.available(), reason="no AVX-512 VNNI or no C++ compiler")
+def test_vnni_prefill_unpacks_the_same_weights():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(192, 80, bias=False).bfloat16()
+    q = Int4Linear.from_linear(lin, group=64, kernel="vnni")
+    assert torch.equal(int4_kernel.dense(q.packed, q.scale, q.low), q.unpack())
+    x = torch.randn(100, 192, dtype=torch.bfloat16)  # > VNNI_MAX_ROWS: the dense path
+    assert torch.allclose(q(x).float(), (x.float() @ q.unpack().float().t()), atol=0.03, rtol=0.02)

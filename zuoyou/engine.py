@@ -73,6 +73,9 @@ class Engine:
         if compile not in (False, True, "default", "max-autotune"):
             raise ConfigError(f"compile={compile!r}: use False, True or 'max-autotune'")
         tuned = compile == "max-autotune"
+        # each decode step attends over the slots written so far only (about half the cache reads of an
+        # image, on average); a statically shaped compiled step keeps the full-length mask instead
+        self._whole_cache = tuned
         self._compiled = None if not compile else torch.compile(
             model.hidden, dynamic=False if tuned else None,
             options={"max_autotune": True, "freezing": True} if tuned else None)
@@ -104,7 +107,11 @@ class Engine:
         lm.setup_cache(x.shape[0], S, dtype=self.dtype, device=self.device)
         L = x.shape[1]
         input_pos = torch.arange(L, device=self.device)
-        return self.model.hidden(x, input_pos, mask[:, :, :L], batch.positions)  # (B, L, D)
+        return self.model.hidden(x, input_pos, mask[:, :, :L, :L], batch.positions)  # (B, L, D)
+
+    def _step_mask(self, mask: torch.Tensor, slot: int) -> torch.Tensor:
+        """(B, 1, 1, S') mask row of the query at cache ``slot``: keys up to the slot (or the whole cache)."""
+        return mask[:, :, slot:slot + 1] if self._whole_cache else mask[:, :, slot:slot + 1, :slot + 1]
 
     def _expand_cache(self, index: torch.Tensor) -> None:
         """Replace every layer's cache rows by ``rows[index]`` (prefill once, decode n times)."""
@@ -168,7 +175,7 @@ class Engine:
                 break
             nxt = codes[:, i].repeat(2)  # same code for the cond and uncond halves
             x = self.model.embed_image_codes(nxt)[:, None].to(self.dtype)  # (2R, 1, D)
-            h = step(x, slots[i:i + 1], mask[:, :, L + i: L + i + 1], step_pos[:, i:i + 1])[:, -1]
+            h = step(x, slots[i:i + 1], self._step_mask(mask, L + i), step_pos[:, i:i + 1])[:, -1]
             if preview and preview_every and (i + 1) % (vq.grid * preview_every) == 0:
                 preview((i + 1) // vq.grid, self._decode(codes, upto=i + 1))
         self.model.language_model.clear_cache()
@@ -244,7 +251,7 @@ class Engine:
                 if all(done):
                     break
                 x = self.model.embed_text(torch.tensor(toks, device=self.device)[:, None]).to(self.dtype)
-                h = step(x, slots[i:i + 1], mask[:, :, L + i: L + i + 1], step_pos[:, i:i + 1])[:, -1]
+                h = step(x, slots[i:i + 1], self._step_mask(mask, L + i), step_pos[:, i:i + 1])[:, -1]
         finally:
             self.model.language_model.clear_cache()
 

@@ -15,7 +15,8 @@ Kernel choice per call, by the number of rows ``M`` (tokens x batch) of the inpu
   per block of 4 rows, so it wins for the 1-4 row steps of single requests and becomes slower than
   bf16 from ~8 rows (CFG batch of 4 images) on (inductor's AMX template, ``compile="max-autotune"``,
   is not);
-- larger ``M`` (prefill): dequantise to the compute dtype and run one GEMM (compute-bound anyway).
+- larger ``M`` (prefill): dequantise to the compute dtype and run one GEMM (compute-bound anyway;
+  the same for ``Int4Linear``, whose kernel is slow for many rows).
 The kernel needs the input feature count to be a multiple of 16 (other sizes crash or return
 garbage on CPU); such layers always take the dequantising path.
 
@@ -32,10 +33,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .kernels import int4 as int4k
 
 MODES = ("int8", "int4")
 INT4_GROUPS = (64, 32, 128, 256)  # group sizes the CPU int4 kernel takes, in order of preference
 PACK_MAX_ROWS = 16  # above this, dequantise + GEMM is faster than the int8 matrix-vector kernel
+VNNI_MAX_ROWS = 96  # the same for the int4 VNNI kernel (it reads the weights once per 8 rows)
 
 
 class Int8Linear(nn.Module):
@@ -88,69 +91,124 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Group-wise asymmetric int4: ``w ~ (q - 8) * scale + zero`` per ``group`` input channels.
+    """Group-wise asymmetric int4: ``w ~ q * scale + low`` per ``group`` input channels, ``q`` in 0..15.
 
-    Stored in the layout of ATen's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, the "tinygemm"
-    convention of gpt-fast and torchao): ``packed`` (out, in / 2) uint8 and ``scales_zeros``
-    (in / group, out, 2) in the compute dtype. A quarter of the bf16 bytes (plus 1/``group`` of
-    scales), so a decode step that is bound by reading the weights reads ~3.6x less. The kernel
-    needs ``out % 16 == 0`` and ``in % group == 0`` (``Int4Linear.group_for``); other layers stay int8.
+    A quarter of the bf16 bytes (plus 1/``group`` of scales), so a decode step that is bound by
+    reading the weights reads ~3.6x less. Two kernels, two storage layouts (chosen when quantising):
+    - ``"vnni"``: our AVX-512 VNNI kernel (``zuoyou/kernels``) for decode-sized inputs: activations
+      rounded to int8 per group of 64 inputs, one instruction per 64 products; it keeps up with
+      memory on 2 cores where ATen's kernel does not (``benchmarks/README.md``). Needs groups of 64,
+      ``out % 16 == 0``, and a CPU with AVX-512 VNNI and a C++ compiler (built once, cached);
+    - ``"aten"``: ATen's ``_weight_int4pack_mm_for_cpu`` (the "tinygemm" layout of gpt-fast and
+      torchao: ``packed`` (out, in / 2) uint8, ``scales_zeros`` (in / group, out, 2) with
+      ``w = (q - 8) * scale + zero``), elsewhere. Needs ``out % 16 == 0`` and ``in % group == 0``.
+    Inputs of more rows than the kernel is fast for (prefill: ``PACK_MAX_ROWS``, VNNI ``VNNI_MAX_ROWS``)
+    unpack the weights and run one bf16 GEMM.
+    Layers that fit neither kernel stay int8 (``Int4Linear.group_for``).
     """
 
-    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 in_features: int, group: int):
+    def __init__(self, packed: torch.Tensor, scales: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
+                 in_features: int, group: int, kernel: str):
         super().__init__()
-        self.out_features, self.in_features, self.group = packed.shape[0], in_features, group
+        self.in_features, self.group, self.kernel = in_features, group, kernel
+        self.out_features = packed.shape[0] * (int4k.BLOCK if kernel == "vnni" else 1)
         self.register_buffer("packed", packed)
-        self.register_buffer("scales_zeros", scales_zeros)
-        self.register_buffer("bias", None if bias is None else bias.to(scales_zeros.dtype).contiguous())
+        if kernel == "vnni":
+            self.register_buffer("scale", scales[0])  # (out / 16, in / 64, 16)
+            self.register_buffer("low", scales[1])
+        else:
+            self.register_buffer("scales_zeros", scales[0])  # (in / group, out, 2)
+        self.register_buffer("bias", None if bias is None else bias.to(scales[0].dtype).contiguous())
 
     @staticmethod
     def group_for(linear: nn.Linear) -> int | None:
-        """The group size to use for ``linear``, or None if the kernel cannot take it."""
+        """The group size to use for ``linear``, or None if no int4 kernel can take it."""
         out, inp = linear.weight.shape
         if out % 16:
             return None
         return next((g for g in INT4_GROUPS if inp % g == 0), None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: int, rows: int = 2048) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear, group: int, rows: int = 2048, kernel: str | None = None) -> "Int4Linear":
+        """``kernel``: "vnni", "aten", or None = "vnni" where it is available and fits."""
         w = linear.weight.detach()
         compute = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
         out, inp = w.shape
-        packed = torch.empty(out, inp // 2, dtype=torch.uint8)
-        sz = torch.empty(inp // group, out, 2, dtype=compute)
-        for i in range(0, out, rows):  # bounded int32/fp32 temporaries (packing is row-independent)
+        if kernel is None:
+            kernel = "vnni" if group == int4k.GROUP and int4k.fits(out, inp) and int4k.available() else "aten"
+        q = torch.empty(out, inp, dtype=torch.uint8)
+        scale = torch.empty(out, inp // group, dtype=compute)
+        low = torch.empty(out, inp // group, dtype=compute)
+        for i in range(0, out, rows):  # bounded fp32 temporaries
             wg = w[i:i + rows].float().reshape(-1, inp // group, group)  # (r, G, g)
             lo, hi = wg.amin(-1), wg.amax(-1)
-            scale = ((hi - lo) / 15).clamp(min=1e-8).to(compute).float()  # quantise against the stored values
-            zero = (lo + 8 * scale).to(compute).float()
-            q = torch.round((wg - (zero - 8 * scale)[..., None]) / scale[..., None]).clamp_(0, 15)
-            packed[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                q.reshape(-1, inp).to(torch.int32).contiguous(), 2)
-            sz[:, i:i + rows] = torch.stack([scale, zero], -1).transpose(0, 1).to(compute)  # (G, r, 2)
+            s = ((hi - lo) / 15).clamp(min=1e-8).to(compute).float()  # quantise against the stored values
+            if kernel == "vnni":
+                base = lo.to(compute).float()
+                low[i:i + rows] = base.to(compute)
+            else:  # tinygemm's zero point: w = (q - 8) * scale + zero
+                zero = (lo + 8 * s).to(compute).float()
+                base = zero - 8 * s
+                low[i:i + rows] = zero.to(compute)
+            q[i:i + rows] = torch.round((wg - base[..., None]) / s[..., None]).clamp_(0, 15).reshape(-1, inp)
+            scale[i:i + rows] = s.to(compute)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(packed, sz.contiguous(), bias, inp, group)
+        if kernel == "vnni":
+            return cls(int4k.pack(q), (int4k.by_block(scale), int4k.by_block(low)), bias, inp, group, kernel)
+        packed = torch.empty(out, inp // 2, dtype=torch.uint8)
+        for i in range(0, out, rows):
+            packed[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[i:i + rows].to(torch.int32), 2)
+        scales_zeros = torch.stack([scale, low], -1).transpose(0, 1).contiguous()  # (G, out, 2)
+        return cls(packed, (scales_zeros,), bias, inp, group, kernel)
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.scales_zeros.dtype
+        return self.scale.dtype if self.kernel == "vnni" else self.scales_zeros.dtype
 
     def dequantize(self) -> torch.Tensor:
-        """(out, in) weights in the compute dtype (tests, debugging): the kernel applied to the identity."""
-        eye = torch.eye(self.in_features, dtype=self.compute_dtype)
+        """(out, in) weights in the compute dtype (tests, debugging)."""
+        if self.kernel == "vnni" or self.out_features % 64 == 0:
+            return self.unpack()
+        eye = torch.eye(self.in_features, dtype=self.compute_dtype)  # the kernel applied to the identity
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).t()
+
+    def unpack(self) -> torch.Tensor:
+        """(out, in) weights in the compute dtype, unpacked with tensor ops.
+
+        The "aten" layout (needs ``out % 64 == 0``): blocks of 64 output channels;
+        ``packed.view(out / 64, in, 32)[b, k, j]`` holds channel ``64 b + j`` in its low nibble and
+        ``64 b + 32 + j`` in its high nibble. The "vnni" layout: ``zuoyou.kernels.int4``.
+        """
+        N, K = self.out_features, self.in_features
+        if self.kernel == "vnni":
+            q = int4k.unpack(self.packed)
+            scale, base = int4k.from_block(self.scale).float(), int4k.from_block(self.low).float()
+        else:
+            b = self.packed.view(N // 64, K, 32)
+            q = torch.cat([b & 0xF, b >> 4], dim=2).permute(0, 2, 1).reshape(N, K)  # (out, in) in 0..15
+            scale, zero = (t.t().float() for t in self.scales_zeros.unbind(-1))
+            base = zero - 8 * scale
+        w = q.view(N, K // self.group, self.group).float() * scale[..., None] + base[..., None]  # (out, G, group)
+        return w.view(N, K).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
+        if x2.shape[0] > VNNI_MAX_ROWS and self.kernel == "vnni":
+            # prefill: the decode kernels have no fast path for many rows; unpacking + one GEMM is faster
+            y = F.linear(x2, int4k.dense(self.packed, self.scale, self.low).to(self.compute_dtype))
+        elif x2.shape[0] > PACK_MAX_ROWS and self.kernel == "aten" and self.out_features % 64 == 0:
+            y = F.linear(x2, self.unpack())
+        elif self.kernel == "vnni":
+            y = int4k.mm(x2, self.packed, self.scale, self.low)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, kernel={self.kernel}"
 
 
 def quantize_linears(module: nn.Module, mode: str = "int8") -> int:

@@ -81,6 +81,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hs)
+            if mask is not None and mask.shape[-1] < k.shape[2]:
+                # the mask covers only the first slots (the ones written so far): attend over those
+                # and skip reading the rest of the cache
+                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]  # (B, nkv, S', hs)
         gqa = self.nh != self.nkv
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
@@ -126,7 +130,8 @@ class LlamaModel(nn.Module):
         """x: (B, T, C) embeddings -> (B, T, C) final-normed hidden states.
 
         input_pos: (T,) cache slots to write (decoding); None = no cache, plain causal attention.
-        mask: (B, 1, T, S) bool, True = may attend (needed with a cache or with padding).
+        mask: (B, 1, T, S) bool, True = may attend (needed with a cache or with padding); with a cache,
+            S may be shorter than the cache: keys beyond S are then not read.
         positions: (B, T) RoPE positions when they differ from input_pos (left-padded rows).
         """
         B, T, _ = x.shape

@@ -1,0 +1,121 @@
+"""The int4 x int8 decode kernel (``int4_vnni.cpp``): availability, build, weight layout.
+
+Built on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and ``ninja`` are needed;
+the build is cached under ``~/.cache/zuoyou/kernels``, or ``$ZUOYOU_CACHE/kernels``). Where it cannot be used (no AVX-512 VNNI,
+no compiler, ``ZUOYOU_INT4_KERNEL=0``) ``available()`` is False and ``zuoyou.quantize.Int4Linear``
+keeps ATen's int4 kernel. ``available()`` never raises: a failed build is reported once as a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+GROUP = 64  # inputs per scale / zero (fixed in the kernel)
+BLOCK = 16  # outputs per block (one AVX-512 register of int32 sums)
+
+
+def fits(out_features: int, in_features: int) -> bool:
+    return out_features % BLOCK == 0 and in_features % GROUP == 0
+
+
+def _cpu_has_vnni() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_avx512_supported() and cpu._is_vnni_supported())
+    except AttributeError:  # older torch: read the flags
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_vnni" in flags and "avx512bw" in flags
+
+
+def build_dir() -> Path:
+    root = os.environ.get("ZUOYOU_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zuoyou"
+    return Path(root) / "kernels" / f"torch-{torch.__version__}"
+
+
+@functools.lru_cache(maxsize=None)
+def _module():
+    from torch.utils import cpp_extension
+
+    src = Path(__file__).with_name("int4_vnni.cpp")
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    if not any(out.glob("*.so")):
+        print("zuoyou: compiling the int4 kernel (first use only, about a minute) ...", file=sys.stderr, flush=True)
+    # -fopenmp: at::parallel_for is a header template; without OpenMP it runs on one thread
+    flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
+    return cpp_extension.load("zuoyou_int4_vnni", [str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                              build_directory=str(out), verbose=False)
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    if os.environ.get("ZUOYOU_INT4_KERNEL", "1") == "0" or not _cpu_has_vnni():
+        return False
+    try:
+        _module()
+        return True
+    except Exception as e:  # no compiler / ninja, or a build error: fall back, say why once
+        warnings.warn(f"zuoyou: the int4 VNNI kernel could not be built ({type(e).__name__}: {str(e)[:200]}); "
+                      "int4 uses ATen's slower kernel", RuntimeWarning, stacklevel=2)
+        return False
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers in 0..15 -> (N/16, K/8, 64) uint8 in the kernel's layout (see int4_vnni.cpp)."""
+    N, K = q.shape
+    qv = q.to(torch.uint8).view(N // BLOCK, BLOCK, K // 8, 2, 4)  # (b, c, t, half, i): k = 8t + 4 half + i
+    byte = qv[:, :, :, 0] | (qv[:, :, :, 1] << 4)  # (b, c, t, i)
+    return byte.permute(0, 2, 1, 3).reshape(N // BLOCK, K // 8, BLOCK * 4).contiguous()
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack``: (N/16, K/8, 64) uint8 -> (N, K) uint8 in 0..15."""
+    NB, T, _ = packed.shape
+    byte = packed.view(NB, T, BLOCK, 4).permute(0, 2, 1, 3)  # (b, c, t, i)
+    q = torch.stack([byte & 0xF, byte >> 4], dim=3)  # (b, c, t, half, i)
+    return q.reshape(NB * BLOCK, T * 8)
+
+
+def dense(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """(N, K) bf16 weights ``q * scale + low`` (the C++ unpacking: prefill unpacks once per call)."""
+    return _module().int4_unpack(packed, scale, low)
+
+
+def by_block(t: torch.Tensor) -> torch.Tensor:
+    """(N, K/64) per-group values -> (N/16, K/64, 16), the kernel's order."""
+    N, G = t.shape
+    return t.view(N // BLOCK, BLOCK, G).transpose(1, 2).contiguous()
+
+
+def from_block(t: torch.Tensor) -> torch.Tensor:
+    NB, G, _ = t.shape
+    return t.transpose(1, 2).reshape(NB * BLOCK, G)
+
+
+def mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """(M, K) fp32 / bf16 activations -> (M, N) in their dtype: ``x @ (q * scale + low).T``, x rounded to
+    int8 per group of 64. Eager calls go straight to the extension (a custom op's dispatch costs ~50 us,
+    ~8 ms per Janus-Pro-1B decode step); under torch.compile, the custom op below."""
+    if torch.compiler.is_compiling():
+        return _mm_op(x, packed, scale, low)
+    return _module().int4_mm(x, packed, scale, low)
+
+
+# a custom op, so that torch.compile traces through it instead of breaking the graph at every layer
+@torch.library.custom_op("zuoyou::int4_mm", mutates_args=())
+def _mm_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    return _module().int4_mm(x, packed, scale, low)
+
+
+@_mm_op.register_fake
+def _(x, packed, scale, low):
+    return x.new_empty((x.shape[0], packed.shape[0] * BLOCK))

@@ -1,0 +1,163 @@
+// int4-weight x int8-activation matrix product for decode-sized inputs (a few rows), AVX-512 VNNI.
+//
+// Why: ATen's CPU int4 kernel converts every weight to fp32 and is compute-bound on small CPUs
+// (about half the memory bandwidth on 2 cores). Here the activations are quantised to int8 per row
+// and per group of 64 inputs (like llama.cpp's Q8 blocks), and one VPDPBUSD multiplies 64 weight
+// nibbles with 64 activation bytes, so reading the weights stays the limit.
+//
+// Weight layout (built by zuoyou/kernels/int4.py, ``pack``), for N outputs, K inputs, groups of 64:
+//   packed (N/16, K/8, 64) uint8: block b of 16 outputs, octet t of inputs k0 = 8t .. 8t+7;
+//     byte 4*c + i holds q[16b + c, k0 + i] in its low nibble and q[16b + c, k0 + 4 + i] in its high one;
+//   scale, zero (N/16, K/64, 16) bf16: w[n, k] = q[n, k] * scale[n, g] + zero[n, g], g = k / 64.
+// y[m, n] = sum_g scale[n,g] * xs[m,g] * sum_{k in g} q[n,k] * xq[m,k] + zero[n,g] * sum_{k in g} x[m,k]
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+
+namespace {
+
+constexpr int G = 64;  // inputs per group (weights and activations)
+
+inline __m512 load_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 is the top half of an fp32)
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+template <int M>
+void block_rows(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* scale,
+                const uint16_t* zero, float* y, int64_t N, int64_t K, int64_t b0, int64_t b1) {
+  const int64_t groups = K / G;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    const uint8_t* wb = w + b * (K / 8) * 64;
+    const uint16_t* sb = scale + b * groups * 16;
+    const uint16_t* zb = zero + b * groups * 16;
+    for (int64_t g = 0; g < groups; ++g) {
+      // two sums per row (low and high nibbles): halves the chain of dependent VPDPBUSDs
+      __m512i dlo[M], dhi[M];
+      for (int m = 0; m < M; ++m) dlo[m] = dhi[m] = _mm512_setzero_si512();
+      const uint8_t* wg = wb + g * 8 * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(sb + (g + 4) * 16), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(zb + (g + 4) * 16), _MM_HINT_T0);
+      for (int t = 0; t < 8; ++t) {
+        _mm_prefetch(reinterpret_cast<const char*>(wg + t * 64 + 2048), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(wg + t * 64);
+        const __m512i lo = _mm512_and_si512(v, low);                         // inputs k0 .. k0+3
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);   // inputs k0+4 .. k0+7
+        for (int m = 0; m < M; ++m) {
+          const int32_t* xm = reinterpret_cast<const int32_t*>(xq + m * K + g * G + t * 8);
+          dlo[m] = _mm512_dpbusd_epi32(dlo[m], lo, _mm512_set1_epi32(xm[0]));
+          dhi[m] = _mm512_dpbusd_epi32(dhi[m], hi, _mm512_set1_epi32(xm[1]));
+        }
+      }
+      const __m512 s = load_bf16(sb + g * 16), z = load_bf16(zb + g * 16);
+      for (int m = 0; m < M; ++m) {
+        const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(xs[m * groups + g]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dlo[m], dhi[m])), sx, acc[m]);
+        acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[m * groups + g]), acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + b * 16, acc[m]);
+  }
+}
+
+template <int M>
+void run_rows(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* scale,
+              const uint16_t* zero, float* y, int64_t N, int64_t K) {
+  at::parallel_for(0, N / 16, 8, [&](int64_t b0, int64_t b1) {
+    block_rows<M>(xq, xs, xsum, w, scale, zero, y, N, K, b0, b1);
+  });
+}
+
+}  // namespace
+
+// x (M, K) fp32 or bf16 -> y (M, N) in x's dtype. Rows go 8 at a time (each pass reads the weights once).
+torch::Tensor int4_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero) {
+  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16),
+              "x: (M, K) fp32 or bf16");
+  const auto x = x_in.to(torch::kFloat).contiguous();  // (M, K) is small: one copy at most
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(2) == 64, "packed layout");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16, groups = K / G;
+  TORCH_CHECK(K % G == 0 && packed.size(1) * 8 == K, "K must be a multiple of 64 and match the weights");
+  TORCH_CHECK(scale.numel() == N * groups && zero.numel() == N * groups, "scale / zero sizes");
+  TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && zero.scalar_type() == torch::kBFloat16, "bf16 scale / zero");
+  // per (row, group): int8 activations, their scale, and the exact sum of the group (for the zero points)
+  auto xq = torch::empty({M, K}, torch::kChar);
+  auto xs = torch::empty({M, groups}, torch::kFloat);
+  auto xsum = torch::empty({M, groups}, torch::kFloat);
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = xq.data_ptr<int8_t>();
+  float* sp = xs.data_ptr<float>();
+  float* up = xsum.data_ptr<float>();
+  for (int64_t i = 0; i < M * groups; ++i) {
+    const float* src = xp + i * G;
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < G; ++j) {
+      amax = std::max(amax, std::fabs(src[j]));
+      sum += src[j];
+    }
+    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    for (int j = 0; j < G; ++j) qp[i * G + j] = static_cast<int8_t>(std::nearbyint(src[j] / s));
+    sp[i] = s;
+    up[i] = sum;
+  }
+  auto y = torch::empty({M, N}, torch::kFloat);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const uint16_t* sc = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  const uint16_t* ze = reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>());
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int64_t r = std::min<int64_t>(8, M - m0);
+    const int8_t* q = qp + m0 * K;
+    const float* s = sp + m0 * groups;
+    const float* u = up + m0 * groups;
+    float* out = y.data_ptr<float>() + m0 * N;
+    switch (r) {
+      case 1: run_rows<1>(q, s, u, w, sc, ze, out, N, K); break;
+      case 2: run_rows<2>(q, s, u, w, sc, ze, out, N, K); break;
+      case 3: run_rows<3>(q, s, u, w, sc, ze, out, N, K); break;
+      case 4: run_rows<4>(q, s, u, w, sc, ze, out, N, K); break;
+      case 5: run_rows<5>(q, s, u, w, sc, ze, out, N, K); break;
+      case 6: run_rows<6>(q, s, u, w, sc, ze, out, N, K); break;
+      case 7: run_rows<7>(q, s, u, w, sc, ze, out, N, K); break;
+      default: run_rows<8>(q, s, u, w, sc, ze, out, N, K); break;
+    }
+  }
+  return y.to(x_in.scalar_type());
+}
+
+// The weights as a dense (N, K) bf16 matrix, for prefill (many rows: one bf16 GEMM is faster there).
+torch::Tensor int4_unpack(torch::Tensor packed, torch::Tensor scale, torch::Tensor zero) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(2) == 64, "packed layout");
+  const int64_t NB = packed.size(0), K = packed.size(1) * 8, N = NB * 16, groups = K / G;
+  auto w = torch::empty({N, K}, torch::kBFloat16);
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  const at::BFloat16* sc = scale.data_ptr<at::BFloat16>();
+  const at::BFloat16* ze = zero.data_ptr<at::BFloat16>();
+  at::BFloat16* dst = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, NB, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int c = 0; c < 16; ++c) {
+          const float s = sc[(b * groups + g) * 16 + c], z = ze[(b * groups + g) * 16 + c];
+          at::BFloat16* row = dst + (b * 16 + c) * K + g * G;
+          for (int t = 0; t < 8; ++t) {
+            const uint8_t* bytes = src + (b * (K / 8) + g * 8 + t) * 64 + c * 4;
+            for (int i = 0; i < 4; ++i) {
+              row[t * 8 + i] = static_cast<at::BFloat16>((bytes[i] & 0x0F) * s + z);
+              row[t * 8 + 4 + i] = static_cast<at::BFloat16>((bytes[i] >> 4) * s + z);
+            }
+          }
+        }
+      }
+    }
+  });
+  return w;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_mm", &int4_mm, "int4 weights x int8 activations (AVX-512 VNNI)");
+  m.def("int4_unpack", &int4_unpack, "the weights as a dense bf16 matrix");
+}
