@@ -24,9 +24,17 @@ inline __m512 load_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 is the
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
+inline __m256i to_bf16(__m512 v) {  // round to nearest even (no NaN inputs here)
+  const __m512i i = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(i, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// y: fp32 output, or ybf: bf16 output (the other is null)
 template <int M>
 void block_rows(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* scale,
-                const uint16_t* zero, float* y, int64_t N, int64_t K, int64_t b0, int64_t b1) {
+                const uint16_t* zero, float* y, uint16_t* ybf, int64_t N, int64_t K, int64_t b0, int64_t b1) {
   const int64_t groups = K / G;
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = b0; b < b1; ++b) {
@@ -60,15 +68,21 @@ void block_rows(const int8_t* xq, const float* xs, const float* xsum, const uint
         acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[m * groups + g]), acc[m]);
       }
     }
-    for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * N + b * 16, acc[m]);
+    for (int m = 0; m < M; ++m) {
+      if (ybf) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ybf + m * N + b * 16), to_bf16(acc[m]));
+      } else {
+        _mm512_storeu_ps(y + m * N + b * 16, acc[m]);
+      }
+    }
   }
 }
 
 template <int M>
 void run_rows(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* scale,
-              const uint16_t* zero, float* y, int64_t N, int64_t K) {
+              const uint16_t* zero, float* y, uint16_t* ybf, int64_t N, int64_t K) {
   at::parallel_for(0, N / 16, 8, [&](int64_t b0, int64_t b1) {
-    block_rows<M>(xq, xs, xsum, w, scale, zero, y, N, K, b0, b1);
+    block_rows<M>(xq, xs, xsum, w, scale, zero, y, ybf, N, K, b0, b1);
   });
 }
 
@@ -78,7 +92,8 @@ void run_rows(const int8_t* xq, const float* xs, const float* xsum, const uint8_
 torch::Tensor int4_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero) {
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16),
               "x: (M, K) fp32 or bf16");
-  const auto x = x_in.to(torch::kFloat).contiguous();  // (M, K) is small: one copy at most
+  const auto x = x_in.contiguous();
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;  // read and written as such (no conversion calls)
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(2) == 64, "packed layout");
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16, groups = K / G;
   TORCH_CHECK(K % G == 0 && packed.size(1) * 8 == K, "K must be a multiple of 64 and match the weights");
@@ -88,12 +103,14 @@ torch::Tensor int4_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor sc
   auto xq = torch::empty({M, K}, torch::kChar);
   auto xs = torch::empty({M, groups}, torch::kFloat);
   auto xsum = torch::empty({M, groups}, torch::kFloat);
-  const float* xp = x.data_ptr<float>();
+  const float* xf = bf16 ? nullptr : x.data_ptr<float>();
+  const at::BFloat16* xb = bf16 ? x.data_ptr<at::BFloat16>() : nullptr;
   int8_t* qp = xq.data_ptr<int8_t>();
   float* sp = xs.data_ptr<float>();
   float* up = xsum.data_ptr<float>();
   for (int64_t i = 0; i < M * groups; ++i) {
-    const float* src = xp + i * G;
+    float src[G];
+    for (int j = 0; j < G; ++j) src[j] = bf16 ? static_cast<float>(xb[i * G + j]) : xf[i * G + j];
     float amax = 0.f, sum = 0.f;
     for (int j = 0; j < G; ++j) {
       amax = std::max(amax, std::fabs(src[j]));
@@ -104,7 +121,7 @@ torch::Tensor int4_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor sc
     sp[i] = s;
     up[i] = sum;
   }
-  auto y = torch::empty({M, N}, torch::kFloat);
+  auto y = torch::empty({M, N}, x.scalar_type());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const uint16_t* sc = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
   const uint16_t* ze = reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>());
@@ -113,19 +130,20 @@ torch::Tensor int4_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor sc
     const int8_t* q = qp + m0 * K;
     const float* s = sp + m0 * groups;
     const float* u = up + m0 * groups;
-    float* out = y.data_ptr<float>() + m0 * N;
+    float* out = bf16 ? nullptr : y.data_ptr<float>() + m0 * N;
+    uint16_t* obf = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + m0 * N : nullptr;
     switch (r) {
-      case 1: run_rows<1>(q, s, u, w, sc, ze, out, N, K); break;
-      case 2: run_rows<2>(q, s, u, w, sc, ze, out, N, K); break;
-      case 3: run_rows<3>(q, s, u, w, sc, ze, out, N, K); break;
-      case 4: run_rows<4>(q, s, u, w, sc, ze, out, N, K); break;
-      case 5: run_rows<5>(q, s, u, w, sc, ze, out, N, K); break;
-      case 6: run_rows<6>(q, s, u, w, sc, ze, out, N, K); break;
-      case 7: run_rows<7>(q, s, u, w, sc, ze, out, N, K); break;
-      default: run_rows<8>(q, s, u, w, sc, ze, out, N, K); break;
+      case 1: run_rows<1>(q, s, u, w, sc, ze, out, obf, N, K); break;
+      case 2: run_rows<2>(q, s, u, w, sc, ze, out, obf, N, K); break;
+      case 3: run_rows<3>(q, s, u, w, sc, ze, out, obf, N, K); break;
+      case 4: run_rows<4>(q, s, u, w, sc, ze, out, obf, N, K); break;
+      case 5: run_rows<5>(q, s, u, w, sc, ze, out, obf, N, K); break;
+      case 6: run_rows<6>(q, s, u, w, sc, ze, out, obf, N, K); break;
+      case 7: run_rows<7>(q, s, u, w, sc, ze, out, obf, N, K); break;
+      default: run_rows<8>(q, s, u, w, sc, ze, out, obf, N, K); break;
     }
   }
-  return y.to(x_in.scalar_type());
+  return y;
 }
 
 // The weights as a dense (N, K) bf16 matrix, for prefill (many rows: one bf16 GEMM is faster there).
