@@ -274,3 +274,25 @@ def test_vnni_prefill_unpacks_the_same_weights():
     assert torch.equal(int4_kernel.dense(q.packed, q.scale, q.low), q.unpack())
     x = torch.randn(100, 192, dtype=torch.bfloat16)  # > VNNI_MAX_ROWS: the dense path
     assert torch.allclose(q(x).float(), (x.float() @ q.unpack().float().t()), atol=0.03, rtol=0.02)
+
+
+def test_int4_falls_back_to_aten_when_the_kernel_cannot_build(monkeypatch):
+    """No compiler / a failed build: one warning naming the cause, and int4 layers on ATen's kernel."""
+    def broken():
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(int4_kernel, "_module", broken)
+    monkeypatch.setattr(int4_kernel, "_cpu_has_vnni", lambda: True)
+    int4_kernel.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+            assert not int4_kernel.available()
+        q = Int4Linear.from_linear(torch.nn.Linear(128, 64), group=64)
+        assert q.kernel == "aten"
+    finally:
+        int4_kernel.available.cache_clear()
+    monkeypatch.setenv("ZUOYOU_INT4_KERNEL", "0")
+    try:
+        assert not int4_kernel.available()
+    finally:
+        int4_kernel.available.cache_clear()

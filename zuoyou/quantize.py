@@ -1,4 +1,6 @@
-"""Weight-only int8 quantisation of the LM linears and the two heads, applied from outside the model.
+"""Weight-only int8 / int4 quantisation of the LM linears and the two heads, applied from outside the model.
+
+int4 (``Int4Linear``, decoder layers only) is described in its class; this text is about int8.
 
 ``quantize_model(model, "int8")`` swaps, in place, every ``nn.Linear`` of the LLaMA decoder layers,
 the text head (``lm_head``) and the image head (``gen_head``) for an ``Int8Linear``: int8 weights
@@ -15,8 +17,7 @@ Kernel choice per call, by the number of rows ``M`` (tokens x batch) of the inpu
   per block of 4 rows, so it wins for the 1-4 row steps of single requests and becomes slower than
   bf16 from ~8 rows (CFG batch of 4 images) on (inductor's AMX template, ``compile="max-autotune"``,
   is not);
-- larger ``M`` (prefill): dequantise to the compute dtype and run one GEMM (compute-bound anyway;
-  the same for ``Int4Linear``, whose kernel is slow for many rows).
+- larger ``M`` (prefill): dequantise to the compute dtype and run one GEMM (compute-bound anyway).
 The kernel needs the input feature count to be a multiple of 16 (other sizes crash or return
 garbage on CPU); such layers always take the dequantising path.
 

@@ -1,0 +1,1 @@
+"""Hand-written CPU kernels that no installable library provides here (see benchmarks/README.md)."""
