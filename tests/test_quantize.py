@@ -296,3 +296,12 @@ def test_int4_falls_back_to_aten_when_the_kernel_cannot_build(monkeypatch):
         assert not int4_kernel.available()
     finally:
         int4_kernel.available.cache_clear()
+
+
+@pytest.mark.skipif(not int4_kernel.available(), reason="no AVX-512 VNNI or no C++ compiler")
+def test_fp16_int4_keeps_the_aten_kernel():
+    """The VNNI kernel computes in bf16: an fp16 model's int4 layers stay on ATen's kernel and run."""
+    lin = torch.nn.Linear(128, 64).half()
+    q = Int4Linear.from_linear(lin, group=64)
+    assert q.kernel == "aten" and q.compute_dtype == torch.float16
+    assert q(torch.randn(2, 128, dtype=torch.float16)).dtype == torch.float16

@@ -99,7 +99,7 @@ class Int4Linear(nn.Module):
     - ``"vnni"``: our AVX-512 VNNI kernel (``zuoyou/kernels``) for decode-sized inputs: activations
       rounded to int8 per group of 64 inputs, one instruction per 64 products; it keeps up with
       memory on 2 cores where ATen's kernel does not (``benchmarks/README.md``). Needs groups of 64,
-      ``out % 16 == 0``, and a CPU with AVX-512 VNNI and a C++ compiler (built once, cached);
+      ``out % 16 == 0``, bf16 compute, and a CPU with AVX-512 VNNI and a C++ compiler (built once, cached);
     - ``"aten"``: ATen's ``_weight_int4pack_mm_for_cpu`` (the "tinygemm" layout of gpt-fast and
       torchao: ``packed`` (out, in / 2) uint8, ``scales_zeros`` (in / group, out, 2) with
       ``w = (q - 8) * scale + zero``), elsewhere. Needs ``out % 16 == 0`` and ``in % group == 0``.
@@ -131,12 +131,14 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int, rows: int = 2048, kernel: str | None = None) -> "Int4Linear":
-        """``kernel``: "vnni", "aten", or None = "vnni" where it is available and fits."""
+        """``kernel``: "vnni", "aten", or None = "vnni" where it is available and fits (the VNNI kernel
+        computes in bf16: an fp16 model keeps ATen's kernel)."""
         w = linear.weight.detach()
         compute = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
         out, inp = w.shape
         if kernel is None:
-            kernel = "vnni" if group == int4k.GROUP and int4k.fits(out, inp) and int4k.available() else "aten"
+            fits = compute == torch.bfloat16 and group == int4k.GROUP and int4k.fits(out, inp)
+            kernel = "vnni" if fits and int4k.available() else "aten"
         q = torch.empty(out, inp, dtype=torch.uint8)
         scale = torch.empty(out, inp // group, dtype=compute)
         low = torch.empty(out, inp // group, dtype=compute)
@@ -145,8 +147,8 @@ class Int4Linear(nn.Module):
             lo, hi = wg.amin(-1), wg.amax(-1)
             s = ((hi - lo) / 15).clamp(min=1e-8).to(compute).float()  # quantise against the stored values
             if kernel == "vnni":
-                base = lo.to(compute).float()
-                low[i:i + rows] = base.to(compute)
+                low[i:i + rows] = lo.to(compute)
+                base = low[i:i + rows].float()
             else:  # tinygemm's zero point: w = (q - 8) * scale + zero
                 zero = (lo + 8 * s).to(compute).float()
                 base = zero - 8 * s
