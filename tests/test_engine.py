@@ -34,6 +34,14 @@ def capture_codes(pipe, monkeypatch):
     return calls
 
 
+def greedy_codes(pipe, monkeypatch, prompt: str = "a red circle") -> torch.Tensor:
+    """The (2, T) codes of a greedy two-image request."""
+    calls = capture_codes(pipe, monkeypatch)
+    pipe.generate(prompt, n=2, temperature=0)
+    monkeypatch.undo()
+    return calls[-1]
+
+
 @pytest.mark.parametrize("every", [1, 2, 3])
 def test_preview(tiny_pipe, monkeypatch, every):
     """``preview(rows_done, images)`` every ``every`` code rows while drawing, never for the finished grid
@@ -119,12 +127,7 @@ def test_autotuned_int8_decode_step(tiny_dir, monkeypatch):
     second request of another shape runs too. ~30-90 s."""
     eager = zuoyou.api.load(tiny_dir, device="cpu", quantize="int8")
     tuned = zuoyou.api.load(tiny_dir, device="cpu", quantize="int8", compile="max-autotune")
-    codes = []
-    for pipe in (eager, tuned):
-        calls = capture_codes(pipe, monkeypatch)
-        pipe.generate("a red circle", n=2, temperature=0)
-        codes.append(calls[-1])
-        monkeypatch.undo()
+    codes = [greedy_codes(pipe, monkeypatch) for pipe in (eager, tuned)]
     assert (codes[0] == codes[1]).float().mean() >= 0.9
     assert len(tuned.generate("a blue square left of a green cross", n=1, seed=0)) == 1
 
@@ -137,12 +140,7 @@ def test_compiled_int4_decode_step_with_the_vnni_kernel(tiny_dir, monkeypatch):
     kernels = {m.kernel for m in eager.engine.model.modules() if isinstance(m, Int4Linear)}
     assert kernels == {"vnni"}
     compiled = zuoyou.api.load(tiny_dir, device="cpu", quantize="int4", compile=True)
-    codes = []
-    for pipe in (eager, compiled):
-        calls = capture_codes(pipe, monkeypatch)
-        pipe.generate("a red circle", n=2, temperature=0)
-        codes.append(calls[-1])
-        monkeypatch.undo()
+    codes = [greedy_codes(pipe, monkeypatch) for pipe in (eager, compiled)]
     assert torch.equal(codes[0], codes[1])
 
 

@@ -199,7 +199,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
         if x2.shape[0] > VNNI_MAX_ROWS and self.kernel == "vnni":
             # prefill: the decode kernels have no fast path for many rows; unpacking + one GEMM is faster
-            y = F.linear(x2, int4k.dense(self.packed, self.scale, self.low).to(self.compute_dtype))
+            y = F.linear(x2, int4k.dense(self.packed, self.scale, self.low))  # bf16, the compute dtype
         elif x2.shape[0] > PACK_MAX_ROWS and self.kernel == "aten" and self.out_features % 64 == 0:
             y = F.linear(x2, self.unpack())
         elif self.kernel == "vnni":
