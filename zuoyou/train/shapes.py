@@ -66,6 +66,8 @@ class Recipe:
     vq_minutes: float
     encoder_minutes: float = 0.0  # understanding-encoder pre-training (``zuoyou.train.vit``); 0 = none
     compile: bool = False  # compiled trunk in the LM stages (``train(compile=True)``)
+    gen_embed_dim: int = 8  # width of ``gen_embed`` (config ``gen_vision_config.params.n_embed``; Janus: 8)
+    gen_embed_std: float = 0.02  # its init scale
 
 
 RECIPES = {
@@ -74,6 +76,8 @@ RECIPES = {
                  ((2, 1, 5), (3, 1, 6)), (1, 2, 3), True, 85.0, 25.0),
     # v1's VQ, a pre-trained understanding encoder, so fewer understanding and more generation examples
     "v3": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 72.0, 26.0, 8.0, True),
+    # v3 with a 256-wide gen_embed drawn from N(0, 1): an 8-d input at norm ~0.003 hid which code came before
+    "v4": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 8.0, True, 256, 1.0),
 }
 
 
@@ -154,12 +158,17 @@ def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v3"])
     ]
 
 
-def build_shapes_model(out: Path, vq: VQModel, vocab: int, seed: int, embed_from_codebook: bool = False) -> Janus:
+def build_shapes_model(out: Path, vq: VQModel, vocab: int, seed: int, embed_from_codebook: bool = False,
+                       gen_embed_dim: int = 8, gen_embed_std: float = 0.02) -> Janus:
     cfg = get_config("shapes")
     cfg.lm.vocab_size = vocab
+    cfg.gen_embed_dim = gen_embed_dim
     torch.manual_seed(seed)
     model = build(cfg, "cpu")
     _init(model)
+    if gen_embed_std != 0.02:  # (a condition, so that v1-v3 draw the random numbers they were built with)
+        with torch.no_grad():
+            torch.nn.init.normal_(model.gen_embed.weight, std=gen_embed_std)
     model.gen_vision_model.load_state_dict(vq.state_dict())
     if embed_from_codebook:  # codes that look alike start with alike input embeddings (8-d, as the codebook)
         with torch.no_grad():
@@ -221,7 +230,8 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
     vq.eval().requires_grad_(False)
 
     # 2. unified model (its understanding encoder pre-trained first if the recipe says so), three stages
-    model = build_shapes_model(out, vq, max(vocab, 64), seed, rec.embed_from_codebook)
+    model = build_shapes_model(out, vq, max(vocab, 64), seed, rec.embed_from_codebook, rec.gen_embed_dim,
+                               rec.gen_embed_std)
     if rec.encoder_minutes:
         _pretrained_encoder(model, vq, out, rec.encoder_minutes, seed, report, resume, log)
     processor.num_image_tokens = cfg.vision.num_patches
