@@ -199,3 +199,42 @@ def test_resolve_device_and_dtype():
     assert resolve_dtype(None) is None and resolve_dtype(torch.float32) == torch.float32
     with pytest.raises(ConfigError, match="use one of fp32, bf16, fp16"):
         resolve_dtype("int4")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("layout", ["safetensors", "sharded-bin", "tied"])
+def test_quantised_while_loading_equals_quantised_after(tiny_dir, ref_sd, tmp_path, layout, mode):
+    """``load_model(quantize=...)`` quantises part by part as it reads; the result is exactly
+    ``quantize_model`` applied to the loaded model."""
+    from zuoyou.quantize import quantize_model
+
+    sd = {k: v for k, v in ref_sd.items() if layout != "tied" or k != "language_model.lm_head.weight"}
+    files = shards(sd, 2, "bin") if layout == "sharded-bin" else {"model.safetensors": sd}
+    folder = folder_with(tiny_dir, tmp_path / layout, files)
+    if layout == "tied":
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["language_config"]["tie_word_embeddings"] = True
+        (folder / "config.json").write_text(json.dumps(cfg))
+    streamed, _ = load_model(folder, CPU, torch.bfloat16, quantize=mode)
+    after = quantize_model(load_model(folder, CPU, torch.bfloat16)[0], mode)
+    assert [type(m).__name__ for m in streamed.modules()] == [type(m).__name__ for m in after.modules()]
+    a, b = streamed.state_dict(), after.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert "Int" in type(streamed.language_model.lm_head).__name__
+    assert streamed.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_parts_of_a_quantised_load():
+    from zuoyou.loading import _parts
+
+    sizes = {"vision_model.a.weight": 10, "vision_model.b.weight": 10, "language_model.model.layers.0.q.weight": 5,
+             "language_model.model.layers.0.norm.weight": 1, "language_model.model.layers.1.q.weight": 5,
+             "gen_head.x.weight": 30, "gen_head.x.bias": 1, "gen_head.y.weight": 1}
+    parts = _parts(sizes, limit=25)
+    assert sorted(k for p in parts for k in p) == sorted(sizes)  # every key once
+    assert ["language_model.model.layers.0.q.weight", "language_model.model.layers.0.norm.weight"] in parts
+    assert ["language_model.model.layers.1.q.weight"] in parts  # a decoder layer is a part of its own
+    assert ["vision_model.a.weight", "vision_model.b.weight"] in parts  # small modules share a part
+    assert ["gen_head.x.weight", "gen_head.x.bias"] in parts  # a module is never split

@@ -125,7 +125,7 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
     ``compile=True``: ``torch.compile`` the one-token decode step (first call of each batch shape compiles);
     ``compile="max-autotune"``: autotuned, with frozen weights (see ``zuoyou.engine.Engine``).
     """
-    from .quantize import check_mode, quantize_model
+    from .quantize import check_mode
 
     quantize = check_mode(quantize)
     if name_or_path is None:
@@ -134,9 +134,8 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
         name_or_path = BUNDLED
     folder = resolve_folder(name_or_path)
     dev = resolve_device(device)
-    model, config = load_model(folder, dev, resolve_dtype(dtype))
-    dtype_used = next(model.parameters()).dtype
-    quantize_model(model, quantize)
+    model, config = load_model(folder, dev, resolve_dtype(dtype), quantize)
+    dtype_used = model.language_model.model.embed_tokens.weight.dtype
     defaults = GenerationDefaults.from_folder(folder)
     processor = Processor.from_folder(folder, config.vision.num_patches, config.vision.image_size,
                                       defaults.system_prompt)

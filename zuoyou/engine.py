@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import ConfigError, InputError
+from .memory import release_freed_memory
 from .models.janus import Janus
 from .processor import Message, Processor, TextStream, to_pil
 from .sampling import check_sampling, make_generator, sample
@@ -115,6 +116,9 @@ class Engine:
 
     def _expand_cache(self, index: torch.Tensor) -> None:
         """Replace every layer's cache rows by ``rows[index]`` (prefill once, decode n times)."""
+        rows = self.model.language_model.caches()[0].k.shape[0]
+        if index.numel() == rows and torch.equal(index.cpu(), torch.arange(rows)):
+            return  # one image per request: the rows are already in place (a copy would double the cache)
         for cache in self.model.language_model.caches():
             cache.k, cache.v = cache.k.index_select(0, index), cache.v.index_select(0, index)
 
@@ -179,6 +183,7 @@ class Engine:
             if preview and preview_every and (i + 1) % (vq.grid * preview_every) == 0:
                 preview((i + 1) // vq.grid, self._decode(codes, upto=i + 1))
         self.model.language_model.clear_cache()
+        release_freed_memory()  # glibc would keep the freed cache: the VQ decoder's memory would come on top
         images = self._decode(codes)
         return [images[sl] for sl in groups]
 

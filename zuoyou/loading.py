@@ -147,9 +147,16 @@ def check_and_fix(model: Janus, sd: dict[str, torch.Tensor]) -> dict[str, torch.
     return sd
 
 
-def load_model(folder: Path, device: torch.device, dtype: torch.dtype | None = None) -> tuple[Janus, JanusConfig]:
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype | None = None,
+               quantize: str | None = None) -> tuple[Janus, JanusConfig]:
+    """``quantize`` (``zuoyou.quantize`` modes): quantised part by part while loading (official layout;
+    a transformers-layout checkpoint is loaded whole, then quantised)."""
+    from .quantize import check_quantizable, quantize_model
+
+    quantize = check_quantizable(device, quantize)
     config, hf_layout = read_config(folder)
-    sd = read_state_dict(weight_files(folder))
+    files = weight_files(folder)
+    sd = read_state_dict(files)  # memory-mapped where the format allows: nothing read yet
     if hf_layout:
         from .convert import hf_to_official
 
@@ -157,12 +164,83 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype | None = N
     model = build(config, "meta")
     sd = check_and_fix(model, sd)
     dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
+    if quantize and not hf_layout:
+        shapes = {k: (v.numel() * v.element_size()) for k, v in sd.items()}
+        del sd
+        _load_quantized(model, files, shapes, device, dtype, quantize)
+        return model.eval().requires_grad_(False), config
     # The tied lm_head shares embed_tokens' tensor: assign keeps the sharing.
-    sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict({k: _convert(v, device, dtype) for k, v in sd.items()}, strict=True, assign=True)
     if config.lm.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
-    return model.eval().requires_grad_(False), config
+    return quantize_model(model.eval().requires_grad_(False), quantize), config
+
+
+def _convert(v: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+
+
+def _load_quantized(model: Janus, files: list[Path], sizes: dict[str, int], device, dtype, mode: str,
+                    group_bytes: int = 256 * 2**20) -> None:
+    """Assign and quantise a meta-built model one part at a time (a decoder layer, or modules up to
+    ``group_bytes``), each part read through a fresh memory map of the files that is dropped before
+    the next: the float weights are never all resident at once (peak: the quantised model plus
+    about one part), where loading first and quantising after held the whole float checkpoint."""
+    from .memory import release_freed_memory
+    from .quantize import quantize_part, quantized_part
+
+    emb = "language_model.model.embed_tokens.weight"
+    for keys in _parts(sizes, group_bytes):
+        src = read_state_dict(files)
+        # (a tied text head is absent from the file: it starts as the embedding table, then is quantised)
+        part = {k: _convert(src[k] if k in src else src[emb], device, dtype) for k in keys}
+        del src
+        model.load_state_dict(part, strict=False, assign=True)
+        del part
+        for name in sorted({_module_of(k) for k in keys}):
+            if quantized_part(name, model.get_submodule(name)):
+                quantize_part(model, name, mode)
+        for k in keys:  # what stays in float gets its own memory, so that this part's map can close
+            owner, _, attr = k.rpartition(".")
+            t = getattr(model.get_submodule(owner), attr, None) if _has_module(model, owner) else None
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t.data = t.data.clone()
+    release_freed_memory()
+
+
+def _module_of(key: str) -> str:
+    """The name of the quantisable unit a weight belongs to: its decoder layer, else its module."""
+    parts = key.split(".")
+    if key.startswith("language_model.model.layers."):
+        return ".".join(parts[:4])
+    return ".".join(parts[:-1])
+
+
+def _has_module(model: Janus, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _parts(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Keys in groups: one per decoder layer (quantised as a whole); other modules packed in order up
+    to ``limit`` bytes (fewer re-opened maps: a ``.bin`` is unpickled again per part)."""
+    units: dict[str, list[str]] = {}
+    for k in sizes:
+        units.setdefault(_module_of(k), []).append(k)
+    groups: list[list[str]] = []
+    size = limit
+    for unit, keys in units.items():
+        nbytes = sum(sizes[k] for k in keys)
+        layer = unit.startswith("language_model.model.layers.")
+        if layer or size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1] += keys
+        size = limit if layer else size + nbytes  # nothing joins a decoder layer
+    return groups
 
 
 def save_model(model: Janus, folder: Path) -> None:

@@ -28,6 +28,7 @@ not vectorised on CPU. So ``quantize="int8"`` on an fp32 model runs its quantise
 from __future__ import annotations
 
 import gc
+import re
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 from .kernels import int4 as int4k
+from .memory import release_freed_memory
 
 MODES = ("int8", "int4")
 INT4_GROUPS = (64, 32, 128, 256)  # group sizes the CPU int4 kernel takes, in order of preference
@@ -243,18 +245,43 @@ def quantize_model(model, mode: str | None):
     ``mode``: None / "none" (no-op), "int8", or "int4" (decoder layers in int4, the two heads in
     int8: they are a few % of the bytes of a step and the first place where rounding shows). The
     text head is quantised separately from a tied ``embed_tokens`` (the table stays in float).
+    (``zuoyou.loading.load_model(..., quantize=mode)`` does the same part by part while it loads.)
     """
-    mode = check_mode(mode)
+    mode = check_quantizable(next(model.parameters()).device, mode)
     if mode is None:
         return model
-    if mode == "int4" and next(model.parameters()).device.type != "cpu":
-        raise ConfigError("quantize='int4' uses ATen's CPU int4 kernel: load on the CPU, or use int8")
-    lm = model.language_model
-    quantize_linears(lm.model.layers, mode)
-    lm.lm_head = Int8Linear.from_linear(lm.lm_head)
-    quantize_linears(model.gen_head)
+    for name in [n for n, m in model.named_modules() if quantized_part(n, m)]:
+        quantize_part(model, name, mode)
     own_storage(model)
     return model
+
+
+def check_quantizable(device: torch.device, mode: str | None) -> str | None:
+    """``check_mode``, and int4 only on the CPU."""
+    mode = check_mode(mode)
+    if mode == "int4" and device.type != "cpu":
+        raise ConfigError("quantize='int4' uses ATen's CPU int4 kernel: load on the CPU, or use int8")
+    return mode
+
+
+def quantized_part(name: str, module: nn.Module) -> bool:
+    """Is the submodule ``name`` one that quantisation replaces: a decoder layer (its linears), the
+    text head, or a linear of the image head?"""
+    return (_LAYER.fullmatch(name) is not None or name == "language_model.lm_head"
+            or (name.startswith("gen_head.") and isinstance(module, nn.Linear)))
+
+
+_LAYER = re.compile(r"language_model\.model\.layers\.\d+")
+
+
+def quantize_part(model, name: str, mode: str) -> None:
+    """Quantise the submodule ``name`` (see ``quantized_part``): int4 or int8 decoder linears, int8 heads."""
+    module = model.get_submodule(name)
+    if _LAYER.fullmatch(name):
+        quantize_linears(module, mode)
+    else:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, Int8Linear.from_linear(module))
 
 
 def own_storage(module: nn.Module) -> None:
@@ -269,20 +296,6 @@ def own_storage(module: nn.Module) -> None:
             t.data = t.data.clone()
     gc.collect()  # the file mapping may sit in a reference cycle
     release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Quantising frees the float weights in pieces that glibc keeps in its heap for reuse, so the
-    process would stay as large as the unquantised model although it no longer uses that memory.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def weight_bytes(module: nn.Module) -> int:
