@@ -189,15 +189,18 @@ def measure(a: dict, T: int, K: int, gen, image_head, decode, ask, text_head, st
         timed(lambda: gen(n), *image_head, 2)  # warm-up (and the compilation of "+compile" modes)
         after and after()
         warm = time.perf_counter() - t
+        reset_hwm()  # peak RSS of this phase alone (one generate call + the VQ decode of n images)
         r = timed(lambda: gen(n), *image_head, None if a["steps"] >= T - 1 else a["steps"])
         after and after()
         codes = torch.randint(0, K, (n, T), generator=torch.Generator().manual_seed(0))
         t = time.perf_counter()
         decode(codes)
         out[f"t2i_{n}"] = dict(r, warmup_s=warm, vq_s=time.perf_counter() - t, tokens=T,
-                               bytes_per_step=step_bytes(n, r["steps_timed"]))
+                               bytes_per_step=step_bytes(n, r["steps_timed"]), rss_mb=hwm_mb())
+    reset_hwm()
     out["und"] = dict(timed(ask, *text_head, None), bytes_per_step=und_bytes)
-    out["rss_run_mb"] = hwm_mb()
+    out["und"]["rss_mb"] = out["rss_run_mb"] = hwm_mb()
+    out["rss_run_mb"] = max(out["rss_run_mb"], *(out[f"t2i_{n}"]["rss_mb"] for n in a["batches"]))
     return out
 
 
@@ -213,6 +216,7 @@ def run_zuoyou(mode: str, a: dict, work: Path) -> dict:
     pipe = zuoyou.api.load(work / "zuoyou", device="cpu", dtype=dtype, quantize=quant, compile=compiled)
     out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb(), "rss_reset": reset_hwm()}
     engine, m, cfg = pipe.engine, pipe.engine.model, pipe.config
+    out["weight_mb"] = wb(m) / 2**20
     lm, T, proc = m.language_model, cfg.vq.num_tokens, engine.processor
     gids = torch.tensor(proc.generation_ids(PROMPT))
     img = test_image(cfg.vision.image_size)
@@ -250,7 +254,7 @@ def run_hf(mode: str, a: dict, work: Path) -> dict:
     dtype = HF[mode]
     t = time.perf_counter()
     hf = JanusForConditionalGeneration.from_pretrained(work / "hf", dtype=dtype, attn_implementation="sdpa").eval()
-    out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb(), "rss_reset": reset_hwm()}
+    out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb(), "rss_reset": reset_hwm(), "weight_mb": wb(hf) / 2**20}
     cfg, _ = read_config(work / "zuoyou")
     proc = Processor.from_folder(work / "zuoyou", cfg.vision.num_patches, cfg.vision.image_size)
     gc = hf.generation_config
@@ -320,7 +324,14 @@ def report(results: dict, bw: float, batches: list[int]) -> str:
         und.append(f"| {mode} | {r['load_s']:.1f} | {u['prefill_s']:.3g} | {u['step_ms']:.3g} | "
                    f"{u['bytes_per_step'] / bw / 1e6:.3g} | {u['heads']} | {r['rss_load_mb']:.0f} | "
                    f"{r['rss_run_mb']:.0f}{'' if r['rss_reset'] else ' (not reset)'} |")
-    return "\n".join(t2i) + "\n\n" + "\n".join(und)
+    mem = ["| mode | weights MB | peak RSS MB (x weights): load | " + " | ".join(f"image n={n}" for n in batches)
+           + " | understanding |", "|---|---|---|" + "---|" * (len(batches) + 1)]
+    for mode, r in ok.items():
+        w = r.get("weight_mb")
+        x = (lambda mb: f"{mb:.0f} ({mb / w:.2f}x)") if w else (lambda mb: f"{mb:.0f}")
+        mem.append(f"| {mode} | {w or 0:.0f} | {x(r['rss_load_mb'])} | "
+                   + " | ".join(x(r[f"t2i_{n}"].get("rss_mb", 0)) for n in batches) + f" | {x(r['und'].get('rss_mb', 0))} |")
+    return "\n".join(t2i) + "\n\n" + "\n".join(und) + "\n\n" + "\n".join(mem)
 
 
 def quality(work: Path) -> str:
