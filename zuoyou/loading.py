@@ -205,7 +205,7 @@ def _load_quantized(model: Janus, files: list[Path], sizes: dict[str, int], devi
             t = getattr(model.get_submodule(owner), attr, None) if _has_module(model, owner) else None
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 t.data = t.data.clone()
-    release_freed_memory()
+        release_freed_memory()  # the quantisation's temporaries, before the next part comes on top
 
 
 def _module_of(key: str) -> str:
