@@ -82,3 +82,22 @@ def test_gen_embed_starts_from_the_codebook(data):
     plain = build_shapes_model(None, vq, vocab, seed=0)
     assert plain.gen_embed.weight.std() < 0.05 and not torch.equal(plain.gen_embed.weight, vq.quantize.codebook())
     assert torch.equal(model.gen_vision_model.quantize.embedding.weight, vq.quantize.embedding.weight)
+
+
+def test_wide_gen_embed_of_recipe_v4(data, tmp_path):
+    """v4's gen_embed is 256 wide, drawn from N(0, 1); it is a config size (n_embed), so the model
+    folder loads back through the ordinary loader."""
+    from zuoyou.loading import load_model, save_model
+
+    rec = RECIPES["v4"]
+    vocab = data.processor.tokenizer.get_vocab_size(with_added_tokens=True)
+    model = build_shapes_model(None, data.vq, vocab, seed=0, gen_embed_dim=rec.gen_embed_dim,
+                               gen_embed_std=rec.gen_embed_std)
+    assert model.gen_embed.weight.shape == (4096, 256) and 0.9 < model.gen_embed.weight.std() < 1.1
+    assert model.gen_aligner.layers[0].weight.shape[1] == 256
+    save_model(model, tmp_path)
+    back, cfg = load_model(tmp_path, torch.device("cpu"))
+    assert cfg.gen_embed_dim == 256 and torch.equal(back.gen_embed.weight, model.gen_embed.weight)
+    # v1-v3 draw the numbers they were built with: the default init is untouched
+    v3 = build_shapes_model(None, data.vq, vocab, seed=0)
+    assert v3.gen_embed.weight.shape == (4096, 8) and v3.gen_embed.weight.std() < 0.05
