@@ -45,7 +45,7 @@ SEEDS = range(8)
 def test_int8_linear_matches_dequantised_weights(rows, dtype):
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 48).to(dtype)
-    q = Int8Linear.from_linear(lin)
+    q = Int8Linear.from_linear(lin, kernel="aten")
     assert q.weight_int8.dtype == torch.int8 and q.scales.shape == (48,) and q.compute_dtype == torch.bfloat16
     # weights within half a quantisation step (of the bf16-rounded scale)
     err = (q.weight_int8.float() * q.scales.float()[:, None] - lin.weight.float()).abs()
@@ -142,6 +142,47 @@ def test_vnni_kernel_against_its_own_arithmetic():
         assert (y - x @ w.t()).abs().max() < 0.02 * (x @ w.t()).abs().max()  # int8 rounding, bounded
 
 
+@pytest.mark.skipif(not int4_kernel.available(), reason="no AVX-512 VNNI or no C++ compiler")
+def test_int8_vnni_kernel_against_its_own_arithmetic():
+    """The int8-weight VNNI kernel: int8 activations per group of 64 times the int8 codes, times the
+    output's scale; rows 1-9, fp32 and bf16 inputs, a layout round trip."""
+    torch.manual_seed(0)
+    N, K = 96, 320
+    q = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    packed = int4_kernel.pack8(q)
+    assert packed.shape == (N // 16, K // 4, 64) and torch.equal(int4_kernel.unpack8(packed), q)
+    scale = (torch.rand(N) * 0.01 + 1e-3).bfloat16()
+    w = q.float() * scale.float()[:, None]
+    def arithmetic(x):  # what the kernel multiplies with: x rounded to int8 per group of 64
+        xg = x.view(x.shape[0], K // 64, 64)
+        s = xg.abs().amax(-1, keepdim=True) / 127
+        return (torch.round(xg / s) * s).view(x.shape) @ w.t()
+
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9):
+        x = torch.randn(rows, K)
+        y = int4_kernel.mm8(x, packed, scale)
+        assert torch.allclose(y, arithmetic(x), atol=1e-4, rtol=1e-4), rows
+        yb = int4_kernel.mm8(x.bfloat16(), packed, scale)  # bf16 in, bf16 out
+        want = arithmetic(x.bfloat16().float())
+        assert yb.dtype == torch.bfloat16 and torch.allclose(yb.float(), want, atol=1e-2, rtol=1e-2), rows
+        assert (y - x @ w.t()).abs().max() < 0.02 * (x @ w.t()).abs().max()
+
+
+@pytest.mark.skipif(not int4_kernel.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.parametrize("rows", [1, 8, 100])  # decode rows on the kernel; prefill (> VNNI_MAX_ROWS) dequantises
+def test_int8_linear_on_the_vnni_kernel(rows):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48).bfloat16()
+    q, ref = Int8Linear.from_linear(lin), Int8Linear.from_linear(lin, kernel="aten")
+    assert q.kernel == "vnni" and not hasattr(q, "weight_int8") and torch.equal(q.codes(), ref.weight_int8)
+    assert torch.equal(q.dequantize(), ref.dequantize()) and weight_bytes(q) == weight_bytes(ref)
+    x = torch.randn(rows, 128, dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), ref.dequantize().float(), lin.bias.float())
+    assert ((q(x).float() - want).norm() / want.norm()).item() < 0.01
+    fp16 = Int8Linear.from_linear(torch.nn.Linear(128, 48).half())
+    assert fp16.kernel == "aten"  # the VNNI kernel computes in bf16
+
+
 def test_int4_keeps_int8_where_the_kernel_does_not_fit(tiny_dir):
     assert Int4Linear.group_for(torch.nn.Linear(64, 24)) is None  # out % 16
     assert Int4Linear.group_for(torch.nn.Linear(48, 32)) is None  # in % 32
@@ -229,7 +270,7 @@ def test_quality_guard_catches_a_coarser_grid(models):
     coarse = quantize_model(copy.deepcopy(ref), "int8")
     for m in coarse.modules():
         if isinstance(m, Int8Linear):
-            m.weight_int8.copy_((m.weight_int8.float() / 2).round().clamp(-64, 63).mul(2).to(torch.int8))
+            m.set_codes((m.codes().float() / 2).round().clamp(-64, 63).mul(2).to(torch.int8))
     r = guard(proc, ref, coarse)
     print("7-bit", r)
     assert r["image"]["kl_mean"] > IMG_KL and r["image"]["greedy_agreement"] < AGREEMENT

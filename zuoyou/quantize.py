@@ -12,7 +12,10 @@ torchao 0.18's ``Int8WeightOnlyConfig`` installs and runs on CPU, but its linear
 the plain bf16 ``F.linear`` it replaces, while ``torch._weight_int8pack_mm`` (ATen's CPU/CUDA/MPS
 kernel behind gpt-fast's int8 path) was 1.25-1.8x faster than bf16 for 1-2 row inputs.
 
-Kernel choice per call, by the number of rows ``M`` (tokens x batch) of the input:
+On CPUs with AVX-512 VNNI (and a C++ compiler), bf16 models take zuoyou's own int8 x int8 kernel
+(``zuoyou/kernels``, the int4 kernel's design with 8-bit weights) for up to ``VNNI_MAX_ROWS`` rows:
+it reads the weights once per 8 rows and rounds the activations to int8 per group of 64. Elsewhere
+(the "aten" layout), the kernel choice per call, by the number of rows ``M`` (tokens x batch):
 - ``M <= PACK_MAX_ROWS`` (decode steps): ``_weight_int8pack_mm``. It reads the int8 weights once
   per block of 4 rows, so it wins for the 1-4 row steps of single requests and becomes slower than
   bf16 from ~8 rows (CFG batch of 4 images) on (inductor's AMX template, ``compile="max-autotune"``,
@@ -45,19 +48,29 @@ VNNI_MAX_ROWS = 96  # the same for the int4 VNNI kernel (it reads the weights on
 
 
 class Int8Linear(nn.Module):
-    """``y = (x @ q.T) * s + b`` with int8 ``q`` (out, in) and per-output-channel scales ``s``."""
+    """``y = (x @ q.T) * s + b`` with int8 ``q`` (out, in) and per-output-channel scales ``s``.
 
-    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    Two kernels, two storage layouts of the same codes (chosen when quantising, as for ``Int4Linear``):
+    ``"vnni"``, zuoyou's AVX-512 VNNI kernel (``packed``: ``zuoyou.kernels.int4.pack8``; activations
+    rounded to int8 per group of 64 inputs) where it is available, the compute dtype is bf16 and the
+    shape fits (``out % 16 == 0``, ``in % 64 == 0``); else ``"aten"`` (``weight_int8``, see the module
+    docstring).
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, kernel: str = "aten"):
         super().__init__()
-        self.out_features, self.in_features = weight_int8.shape
-        self.register_buffer("weight_int8", weight_int8.contiguous())
+        self.kernel = kernel
+        self.in_features = codes.shape[1] * (4 if kernel == "vnni" else 1)
+        self.out_features = codes.shape[0] * (int4k.BLOCK if kernel == "vnni" else 1)
+        self.register_buffer("packed" if kernel == "vnni" else "weight_int8", codes.contiguous())
         self.register_buffer("scales", scales.contiguous())  # (out,) in the compute dtype
         self.register_buffer("bias", None if bias is None else bias.to(scales.dtype).contiguous())
         self.packable = self.in_features % 16 == 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rows: int = 2048) -> "Int8Linear":
-        """Quantise ``rows`` output channels at a time (bounded fp32 temporaries: lm_head is 102400 x 2048)."""
+    def from_linear(cls, linear: nn.Linear, rows: int = 2048, kernel: str | None = None) -> "Int8Linear":
+        """Quantise ``rows`` output channels at a time (bounded fp32 temporaries: lm_head is 102400 x 2048).
+        ``kernel``: "vnni", "aten", or None = "vnni" where it is available and fits."""
         w = linear.weight.detach()
         compute = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
         q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
@@ -69,28 +82,44 @@ class Int8Linear(nn.Module):
             q[i:i + rows] = torch.round(w32 / s.float()[:, None]).clamp_(-128, 127)
             scales[i:i + rows] = s
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(q, scales, bias)
+        if kernel is None:
+            fits = compute == torch.bfloat16 and w.device.type == "cpu" and int4k.fits(*w.shape)
+            kernel = "vnni" if fits and int4k.available() else "aten"
+        return cls(int4k.pack8(q) if kernel == "vnni" else q, scales, bias, kernel)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.scales.dtype
 
+    def codes(self) -> torch.Tensor:
+        """(out, in) int8 codes (a copy for the "vnni" layout)."""
+        return int4k.unpack8(self.packed) if self.kernel == "vnni" else self.weight_int8
+
+    def set_codes(self, q: torch.Tensor) -> None:
+        if self.kernel == "vnni":
+            self.packed.copy_(int4k.pack8(q))
+        else:
+            self.weight_int8.copy_(q)
+
     def dequantize(self) -> torch.Tensor:
-        return self.weight_int8.to(self.compute_dtype) * self.scales[:, None]
+        return self.codes().to(self.compute_dtype) * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.packable and x2.shape[0] <= PACK_MAX_ROWS:
+        if self.kernel == "vnni" and x2.shape[0] <= VNNI_MAX_ROWS:
+            y = int4k.mm8(x2, self.packed, self.scales)
+        elif self.kernel == "aten" and self.packable and x2.shape[0] <= PACK_MAX_ROWS:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scales)
         else:
-            y = F.linear(x2, self.weight_int8.to(self.compute_dtype)) * self.scales
+            y = F.linear(x2, self.codes().to(self.compute_dtype)) * self.scales
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}, "
+                f"kernel={self.kernel}")
 
 
 class Int4Linear(nn.Module):

@@ -1,4 +1,4 @@
-"""The int4 x int8 decode kernel (``int4_vnni.cpp``): availability, build, weight layout.
+"""The int4 / int8 x int8 decode kernels (``int4_vnni.cpp``): availability, build, weight layouts.
 
 Built on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and ``ninja`` are needed;
 the build is cached under ``~/.cache/zuoyou/kernels``, or ``$ZUOYOU_CACHE/kernels``). Where it cannot be used (no AVX-512 VNNI,
@@ -118,4 +118,37 @@ def _mm_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torc
 
 @_mm_op.register_fake
 def _(x, packed, scale, low):
+    return x.new_empty((x.shape[0], packed.shape[0] * BLOCK))
+
+
+# ------------------------------------------------------------------------------------------------ int8 weights
+def pack8(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 -> (N/16, K/4, 64) uint8, ``q + 128`` in the kernel's int8 layout (see int4_vnni.cpp)."""
+    N, K = q.shape
+    u = (q.to(torch.int16) + 128).to(torch.uint8).view(N // BLOCK, BLOCK, K // 4, 4)  # (b, c, t, i): k = 4t + i
+    return u.permute(0, 2, 1, 3).reshape(N // BLOCK, K // 4, BLOCK * 4).contiguous()
+
+
+def unpack8(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack8``: (N/16, K/4, 64) uint8 -> (N, K) int8."""
+    NB, T, _ = packed.shape
+    u = packed.view(NB, T, BLOCK, 4).permute(0, 2, 1, 3).reshape(NB * BLOCK, T * 4)
+    return (u.to(torch.int16) - 128).to(torch.int8)
+
+
+def mm8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(M, K) fp32 / bf16 -> (M, N) in their dtype: ``x @ (q * scale[:, None]).T``, x rounded to int8 per
+    group of 64 (as ``mm``)."""
+    if torch.compiler.is_compiling():
+        return _mm8_op(x, packed, scale)
+    return _module().int8_mm(x, packed, scale)
+
+
+@torch.library.custom_op("zuoyou::int8_mm", mutates_args=())
+def _mm8_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _module().int8_mm(x, packed, scale)
+
+
+@_mm8_op.register_fake
+def _(x, packed, scale):
     return x.new_empty((x.shape[0], packed.shape[0] * BLOCK))

@@ -1,4 +1,4 @@
-// int4-weight x int8-activation matrix product for decode-sized inputs (a few rows), AVX-512 VNNI.
+// int4- and int8-weight x int8-activation matrix products for decode-sized inputs (a few rows), AVX-512 VNNI.
 //
 // Why: ATen's CPU int4 kernel converts every weight to fp32 and is compute-bound on small CPUs
 // (about half the memory bandwidth on 2 cores). Here the activations are quantised to int8 per row
@@ -10,6 +10,11 @@
 //     byte 4*c + i holds q[16b + c, k0 + i] in its low nibble and q[16b + c, k0 + 4 + i] in its high one;
 //   scale, zero (N/16, K/64, 16) bf16: w[n, k] = q[n, k] * scale[n, g] + zero[n, g], g = k / 64.
 // y[m, n] = sum_g scale[n,g] * xs[m,g] * sum_{k in g} q[n,k] * xq[m,k] + zero[n,g] * sum_{k in g} x[m,k]
+//
+// int8 weights (``int8_mm``; symmetric, one scale per output): packed (N/16, K/4, 64) uint8, block b of
+// 16 outputs, quad t of inputs k0 = 4t .. 4t+3; byte 4*c + i holds q[16b + c, k0 + i] + 128 (VPDPBUSD
+// multiplies unsigned by signed bytes: the +128 is taken back with the group's sum of xq).
+// y[m, n] = scale[n] * sum_g xs[m,g] * (sum_{k in g} (q[n,k] + 128) * xq[m,k] - 128 * sum_{k in g} xq[m,k])
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -86,6 +91,93 @@ void run_rows(const int8_t* xq, const float* xs, const float* xsum, const uint8_
   });
 }
 
+
+template <int M>
+void block_rows8(const int8_t* xq, const float* xs, const int32_t* xqsum, const uint8_t* w, const uint16_t* scale,
+                 float* y, uint16_t* ybf, int64_t N, int64_t K, int64_t b0, int64_t b1) {
+  const int64_t groups = K / G;
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    const uint8_t* wb = w + b * (K / 4) * 64;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i d0[M], d1[M];  // two chains of dependent VPDPBUSDs per row
+      for (int m = 0; m < M; ++m) d0[m] = d1[m] = _mm512_setzero_si512();
+      const uint8_t* wg = wb + g * 16 * 64;
+      for (int t = 0; t < 16; t += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(wg + t * 64 + 4096), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wg + t * 64 + 4160), _MM_HINT_T0);
+        const __m512i v0 = _mm512_loadu_si512(wg + t * 64), v1 = _mm512_loadu_si512(wg + (t + 1) * 64);
+        for (int m = 0; m < M; ++m) {
+          const int32_t* xm = reinterpret_cast<const int32_t*>(xq + m * K + g * G + t * 4);
+          d0[m] = _mm512_dpbusd_epi32(d0[m], v0, _mm512_set1_epi32(xm[0]));
+          d1[m] = _mm512_dpbusd_epi32(d1[m], v1, _mm512_set1_epi32(xm[1]));
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(d0[m], d1[m]),
+                                             _mm512_set1_epi32(128 * xqsum[m * groups + g]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[m * groups + g]), acc[m]);
+      }
+    }
+    const __m512 s = load_bf16(scale + b * 16);
+    for (int m = 0; m < M; ++m) {
+      const __m512 out = _mm512_mul_ps(acc[m], s);
+      if (ybf) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ybf + m * N + b * 16), to_bf16(out));
+      } else {
+        _mm512_storeu_ps(y + m * N + b * 16, out);
+      }
+    }
+  }
+}
+
+template <int M>
+void run_rows8(const int8_t* xq, const float* xs, const int32_t* xqsum, const uint8_t* w, const uint16_t* scale,
+               float* y, uint16_t* ybf, int64_t N, int64_t K) {
+  at::parallel_for(0, N / 16, 8, [&](int64_t b0, int64_t b1) {
+    block_rows8<M>(xq, xs, xqsum, w, scale, y, ybf, N, K, b0, b1);
+  });
+}
+
+// per (row, group of 64): int8 activations, their scale, the exact sum of the group (int4's zero points)
+// and the sum of the int8 values (int8's +128 offset)
+struct QuantRows {
+  torch::Tensor xq, xs, xsum, xqsum;
+};
+
+QuantRows quantize_rows(const torch::Tensor& x) {
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const int64_t M = x.size(0), K = x.size(1), groups = K / G;
+  QuantRows r{torch::empty({M, K}, torch::kChar), torch::empty({M, groups}, torch::kFloat),
+              torch::empty({M, groups}, torch::kFloat), torch::empty({M, groups}, torch::kInt)};
+  const float* xf = bf16 ? nullptr : x.data_ptr<float>();
+  const at::BFloat16* xb = bf16 ? x.data_ptr<at::BFloat16>() : nullptr;
+  int8_t* qp = r.xq.data_ptr<int8_t>();
+  float* sp = r.xs.data_ptr<float>();
+  float* up = r.xsum.data_ptr<float>();
+  int32_t* ip = r.xqsum.data_ptr<int32_t>();
+  for (int64_t i = 0; i < M * groups; ++i) {
+    float src[G];
+    for (int j = 0; j < G; ++j) src[j] = bf16 ? static_cast<float>(xb[i * G + j]) : xf[i * G + j];
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < G; ++j) {
+      amax = std::max(amax, std::fabs(src[j]));
+      sum += src[j];
+    }
+    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    int32_t qsum = 0;
+    for (int j = 0; j < G; ++j) {
+      qp[i * G + j] = static_cast<int8_t>(std::nearbyint(src[j] / s));
+      qsum += qp[i * G + j];
+    }
+    sp[i] = s;
+    up[i] = sum;
+    ip[i] = qsum;
+  }
+  return r;
+}
+
 }  // namespace
 
 // x (M, K) fp32 or bf16 -> y (M, N) in x's dtype. Rows go 8 at a time (each pass reads the weights once).
@@ -99,28 +191,10 @@ torch::Tensor int4_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor sc
   TORCH_CHECK(K % G == 0 && packed.size(1) * 8 == K, "K must be a multiple of 64 and match the weights");
   TORCH_CHECK(scale.numel() == N * groups && zero.numel() == N * groups, "scale / zero sizes");
   TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && zero.scalar_type() == torch::kBFloat16, "bf16 scale / zero");
-  // per (row, group): int8 activations, their scale, and the exact sum of the group (for the zero points)
-  auto xq = torch::empty({M, K}, torch::kChar);
-  auto xs = torch::empty({M, groups}, torch::kFloat);
-  auto xsum = torch::empty({M, groups}, torch::kFloat);
-  const float* xf = bf16 ? nullptr : x.data_ptr<float>();
-  const at::BFloat16* xb = bf16 ? x.data_ptr<at::BFloat16>() : nullptr;
-  int8_t* qp = xq.data_ptr<int8_t>();
-  float* sp = xs.data_ptr<float>();
-  float* up = xsum.data_ptr<float>();
-  for (int64_t i = 0; i < M * groups; ++i) {
-    float src[G];
-    for (int j = 0; j < G; ++j) src[j] = bf16 ? static_cast<float>(xb[i * G + j]) : xf[i * G + j];
-    float amax = 0.f, sum = 0.f;
-    for (int j = 0; j < G; ++j) {
-      amax = std::max(amax, std::fabs(src[j]));
-      sum += src[j];
-    }
-    const float s = amax > 0.f ? amax / 127.f : 1.f;
-    for (int j = 0; j < G; ++j) qp[i * G + j] = static_cast<int8_t>(std::nearbyint(src[j] / s));
-    sp[i] = s;
-    up[i] = sum;
-  }
+  const QuantRows qr = quantize_rows(x);
+  const int8_t* qp = qr.xq.data_ptr<int8_t>();
+  const float* sp = qr.xs.data_ptr<float>();
+  const float* up = qr.xsum.data_ptr<float>();
   auto y = torch::empty({M, N}, x.scalar_type());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const uint16_t* sc = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
@@ -141,6 +215,41 @@ torch::Tensor int4_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor sc
       case 6: run_rows<6>(q, s, u, w, sc, ze, out, obf, N, K); break;
       case 7: run_rows<7>(q, s, u, w, sc, ze, out, obf, N, K); break;
       default: run_rows<8>(q, s, u, w, sc, ze, out, obf, N, K); break;
+    }
+  }
+  return y;
+}
+
+// x (M, K) fp32 or bf16 -> y (M, N) in x's dtype, int8 weights (layout above), bf16 scale per output.
+torch::Tensor int8_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor scale) {
+  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16),
+              "x: (M, K) fp32 or bf16");
+  const auto x = x_in.contiguous();
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(2) == 64, "packed layout");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16, groups = K / G;
+  TORCH_CHECK(K % G == 0 && packed.size(1) * 4 == K, "K must be a multiple of 64 and match the weights");
+  TORCH_CHECK(scale.numel() == N && scale.scalar_type() == torch::kBFloat16, "bf16 scale per output");
+  const QuantRows r = quantize_rows(x);
+  auto y = torch::empty({M, N}, x.scalar_type());
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const uint16_t* sc = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int64_t n = std::min<int64_t>(8, M - m0);
+    const int8_t* q = r.xq.data_ptr<int8_t>() + m0 * K;
+    const float* s = r.xs.data_ptr<float>() + m0 * groups;
+    const int32_t* u = r.xqsum.data_ptr<int32_t>() + m0 * groups;
+    float* out = bf16 ? nullptr : y.data_ptr<float>() + m0 * N;
+    uint16_t* obf = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + m0 * N : nullptr;
+    switch (n) {
+      case 1: run_rows8<1>(q, s, u, w, sc, out, obf, N, K); break;
+      case 2: run_rows8<2>(q, s, u, w, sc, out, obf, N, K); break;
+      case 3: run_rows8<3>(q, s, u, w, sc, out, obf, N, K); break;
+      case 4: run_rows8<4>(q, s, u, w, sc, out, obf, N, K); break;
+      case 5: run_rows8<5>(q, s, u, w, sc, out, obf, N, K); break;
+      case 6: run_rows8<6>(q, s, u, w, sc, out, obf, N, K); break;
+      case 7: run_rows8<7>(q, s, u, w, sc, out, obf, N, K); break;
+      default: run_rows8<8>(q, s, u, w, sc, out, obf, N, K); break;
     }
   }
   return y;
@@ -178,4 +287,5 @@ torch::Tensor int4_unpack(torch::Tensor packed, torch::Tensor scale, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "int4 weights x int8 activations (AVX-512 VNNI)");
   m.def("int4_unpack", &int4_unpack, "the weights as a dense bf16 matrix");
+  m.def("int8_mm", &int8_mm, "int8 weights x int8 activations (AVX-512 VNNI)");
 }
