@@ -2,9 +2,9 @@
 
     python benchmarks/bench_linear.py [--threads N] [--copies 64]
 
-Compares ``F.linear`` in fp32 / bf16, zuoyou's ``Int8Linear`` (``torch._weight_int8pack_mm`` up to
-``PACK_MAX_ROWS`` rows, dequantise + GEMM above), ``Int4Linear`` on ATen's int4 kernel and on
-zuoyou's VNNI kernel (when it builds here), and torchao's ``Int8WeightOnlyConfig`` when torchao is
+Compares ``F.linear`` in fp32 / bf16, zuoyou's ``Int8Linear`` on ATen's kernel
+(``torch._weight_int8pack_mm`` up to ``PACK_MAX_ROWS`` rows, dequantise + GEMM above) and on
+zuoyou's VNNI kernel, ``Int4Linear`` on ATen's int4 kernel and on the VNNI kernel (when it builds here), and torchao's ``Int8WeightOnlyConfig`` when torchao is
 installed. Each call cycles through ``--copies`` distinct weight matrices, as a decode step walks
 through its layers: one matrix repeated would stay in the CPU caches and measure the cache, not
 memory. Median over repeats, ms per projection, and the weight bytes read per second.
@@ -39,10 +39,11 @@ def main() -> None:
     mods = {
         "bf16 F.linear": (lins, 2.0),
         "fp32 F.linear": ([torch.nn.Linear(IN, OUT, bias=False) for _ in range(args.copies)], 4.0),
-        "zuoyou Int8Linear": ([Int8Linear.from_linear(m) for m in lins], 1.0),
+        "zuoyou Int8Linear, ATen kernel": ([Int8Linear.from_linear(m, kernel="aten") for m in lins], 1.0),
         "zuoyou Int4Linear, ATen kernel": ([Int4Linear.from_linear(m, 64, kernel="aten") for m in lins], 0.5),
     }
     if int4_kernel.available():
+        mods["zuoyou Int8Linear, VNNI kernel"] = ([Int8Linear.from_linear(m, kernel="vnni") for m in lins], 1.0)
         mods["zuoyou Int4Linear, VNNI kernel"] = ([Int4Linear.from_linear(m, 64, kernel="vnni") for m in lins], 0.5)
     else:
         print("zuoyou VNNI kernel: not available here (no AVX-512 VNNI or no compiler)")
