@@ -5,7 +5,8 @@ Accepted layouts: ``model.safetensors``, sharded ``model-*.safetensors`` with
 (pickles are read with ``weights_only=True``). Keys may be in the official layout or in the
 transformers-converted one (``JanusForConditionalGeneration``); the latter is mapped back by
 ``zuoyou.convert``. The model is built on the meta device and the tensors assigned, so peak
-memory is one copy of the weights.
+memory is one copy of the weights; with ``quantize``, one quantised copy plus about one decoder
+layer (``_load_quantized``).
 """
 
 from __future__ import annotations
