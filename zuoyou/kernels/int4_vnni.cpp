@@ -49,7 +49,9 @@ void block_rows(const int8_t* xq, const float* xs, const float* xsum, const uint
     const uint16_t* sb = scale + b * groups * 16;
     const uint16_t* zb = zero + b * groups * 16;
     for (int64_t g = 0; g < groups; ++g) {
-      // two sums per row (low and high nibbles): halves the chain of dependent VPDPBUSDs
+      // two sums per row (low and high nibbles) halve the chain of dependent VPDPBUSDs; from 5 rows
+      // on, one sum per row: the rows give enough independent chains, and two would not fit in the
+      // 32 vector registers (spills)
       __m512i dlo[M], dhi[M];
       for (int m = 0; m < M; ++m) dlo[m] = dhi[m] = _mm512_setzero_si512();
       const uint8_t* wg = wb + g * 8 * 64;
@@ -63,13 +65,18 @@ void block_rows(const int8_t* xq, const float* xs, const float* xsum, const uint
         for (int m = 0; m < M; ++m) {
           const int32_t* xm = reinterpret_cast<const int32_t*>(xq + m * K + g * G + t * 8);
           dlo[m] = _mm512_dpbusd_epi32(dlo[m], lo, _mm512_set1_epi32(xm[0]));
-          dhi[m] = _mm512_dpbusd_epi32(dhi[m], hi, _mm512_set1_epi32(xm[1]));
+          if constexpr (M <= 4) {
+            dhi[m] = _mm512_dpbusd_epi32(dhi[m], hi, _mm512_set1_epi32(xm[1]));
+          } else {
+            dlo[m] = _mm512_dpbusd_epi32(dlo[m], hi, _mm512_set1_epi32(xm[1]));
+          }
         }
       }
       const __m512 s = load_bf16(sb + g * 16), z = load_bf16(zb + g * 16);
       for (int m = 0; m < M; ++m) {
         const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(xs[m * groups + g]));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dlo[m], dhi[m])), sx, acc[m]);
+        const __m512i d = M <= 4 ? _mm512_add_epi32(dlo[m], dhi[m]) : dlo[m];
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sx, acc[m]);
         acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[m * groups + g]), acc[m]);
       }
     }
@@ -101,7 +108,7 @@ void block_rows8(const int8_t* xq, const float* xs, const int32_t* xqsum, const 
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     const uint8_t* wb = w + b * (K / 4) * 64;
     for (int64_t g = 0; g < groups; ++g) {
-      __m512i d0[M], d1[M];  // two chains of dependent VPDPBUSDs per row
+      __m512i d0[M], d1[M];  // two chains of dependent VPDPBUSDs per row up to 4 rows (as above)
       for (int m = 0; m < M; ++m) d0[m] = d1[m] = _mm512_setzero_si512();
       const uint8_t* wg = wb + g * 16 * 64;
       for (int t = 0; t < 16; t += 2) {
@@ -111,11 +118,15 @@ void block_rows8(const int8_t* xq, const float* xs, const int32_t* xqsum, const 
         for (int m = 0; m < M; ++m) {
           const int32_t* xm = reinterpret_cast<const int32_t*>(xq + m * K + g * G + t * 4);
           d0[m] = _mm512_dpbusd_epi32(d0[m], v0, _mm512_set1_epi32(xm[0]));
-          d1[m] = _mm512_dpbusd_epi32(d1[m], v1, _mm512_set1_epi32(xm[1]));
+          if constexpr (M <= 4) {
+            d1[m] = _mm512_dpbusd_epi32(d1[m], v1, _mm512_set1_epi32(xm[1]));
+          } else {
+            d0[m] = _mm512_dpbusd_epi32(d0[m], v1, _mm512_set1_epi32(xm[1]));
+          }
         }
       }
       for (int m = 0; m < M; ++m) {
-        const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(d0[m], d1[m]),
+        const __m512i dot = _mm512_sub_epi32(M <= 4 ? _mm512_add_epi32(d0[m], d1[m]) : d0[m],
                                              _mm512_set1_epi32(128 * xqsum[m * groups + g]));
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[m * groups + g]), acc[m]);
       }
