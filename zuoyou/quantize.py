@@ -73,19 +73,28 @@ class Int8Linear(nn.Module):
         ``kernel``: "vnni", "aten", or None = "vnni" where it is available and fits."""
         w = linear.weight.detach()
         compute = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
-        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-        scales = torch.empty(w.shape[0], dtype=compute, device=w.device)
-        for i in range(0, w.shape[0], rows):
+        out, inp = w.shape
+        if kernel is None:
+            fits = compute == torch.bfloat16 and w.device.type == "cpu" and int4k.fits(out, inp)
+            kernel = "vnni" if fits and int4k.available() else "aten"
+        if kernel == "vnni":  # written block by block: rows (a multiple of 16) map to whole blocks
+            rows -= rows % int4k.BLOCK
+            codes = torch.empty(out // int4k.BLOCK, inp // 4, 4 * int4k.BLOCK, dtype=torch.uint8)
+        else:
+            codes = torch.empty(out, inp, dtype=torch.int8, device=w.device)
+        scales = torch.empty(out, dtype=compute, device=w.device)
+        for i in range(0, out, rows):
             w32 = w[i:i + rows].float()
             # the scale is stored in the compute dtype: quantise against the rounded value it will have
             s = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(compute)
-            q[i:i + rows] = torch.round(w32 / s.float()[:, None]).clamp_(-128, 127)
+            q = torch.round(w32 / s.float()[:, None]).clamp_(-128, 127).to(torch.int8)
+            if kernel == "vnni":
+                codes[i // int4k.BLOCK:(i + len(q)) // int4k.BLOCK] = int4k.pack8(q)
+            else:
+                codes[i:i + rows] = q
             scales[i:i + rows] = s
         bias = None if linear.bias is None else linear.bias.detach()
-        if kernel is None:
-            fits = compute == torch.bfloat16 and w.device.type == "cpu" and int4k.fits(*w.shape)
-            kernel = "vnni" if fits and int4k.available() else "aten"
-        return cls(int4k.pack8(q) if kernel == "vnni" else q, scales, bias, kernel)
+        return cls(codes, scales, bias, kernel)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -125,7 +125,7 @@ def _(x, packed, scale, low):
 def pack8(q: torch.Tensor) -> torch.Tensor:
     """(N, K) int8 -> (N/16, K/4, 64) uint8, ``q + 128`` in the kernel's int8 layout (see int4_vnni.cpp)."""
     N, K = q.shape
-    u = (q.to(torch.int16) + 128).to(torch.uint8).view(N // BLOCK, BLOCK, K // 4, 4)  # (b, c, t, i): k = 4t + i
+    u = (q.view(torch.uint8) ^ 0x80).view(N // BLOCK, BLOCK, K // 4, 4)  # q + 128; (b, c, t, i): k = 4t + i
     return u.permute(0, 2, 1, 3).reshape(N // BLOCK, K // 4, BLOCK * 4).contiguous()
 
 
@@ -133,7 +133,7 @@ def unpack8(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of ``pack8``: (N/16, K/4, 64) uint8 -> (N, K) int8."""
     NB, T, _ = packed.shape
     u = packed.view(NB, T, BLOCK, 4).permute(0, 2, 1, 3).reshape(NB * BLOCK, T * 4)
-    return (u.to(torch.int16) - 128).to(torch.int8)
+    return (u ^ 0x80).view(torch.int8)
 
 
 def mm8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
