@@ -130,14 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero "
                                         "(tokenizer, VQ, encoder pre-training, three stages)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
-    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4"], default="v3",
-                    help="v3: the bundled model's recipe (default; v1's VQ, a pre-trained understanding encoder, "
-                         "more generation data); v1: the first bundled model; v2: deterministic VQ codes, "
-                         "multi-question dialogues (see the README for how they compared)")
+    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4"], default="v4",
+                    help="v4: the bundled model's recipe (default; v3 with a wide image-code embedding); v3: v1's VQ, "
+                         "a pre-trained understanding encoder, more generation data; v1: the first bundled model; "
+                         "v2: deterministic VQ codes, multi-question dialogues (see the README for how they compared)")
     ts.add_argument("--minutes", type=float, default=None,
-                    help="wall-clock budget of the three LM stages (default: the recipe's, 72 for v3)")
+                    help="wall-clock budget of the three LM stages (default: the recipe's, 80 for v4)")
     ts.add_argument("--vq-minutes", type=float, default=None,
-                    help="wall-clock budget of the VQ training (default: the recipe's, 26 for v3)")
+                    help="wall-clock budget of the VQ training (default: the recipe's, 26 for v4)")
     ts.add_argument("--seed", type=int, default=1)
     ts.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT (default: resume)")
     ts.set_defaults(func=cmd_train_shapes)
