@@ -166,9 +166,9 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype | None = N
     sd = check_and_fix(model, sd)
     dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
     if quantize and not hf_layout:
-        shapes = {k: (v.numel() * v.element_size()) for k, v in sd.items()}
+        sizes = {k: v.numel() * v.element_size() for k, v in sd.items()}
         del sd
-        _load_quantized(model, files, shapes, device, dtype, quantize)
+        _load_quantized(model, files, sizes, device, dtype, quantize)
         return model.eval().requires_grad_(False), config
     # The tied lm_head shares embed_tokens' tensor: assign keeps the sharing.
     model.load_state_dict({k: _convert(v, device, dtype) for k, v in sd.items()}, strict=True, assign=True)
