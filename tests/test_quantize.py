@@ -307,6 +307,34 @@ def test_int4_quality_on_the_bundled_model():
     assert r["int4"]["image"]["kl_mean"] > r["int8"]["image"]["kl_mean"]  # fewer bits, more loss
 
 
+def test_decode_path_quality_on_the_bundled_model():
+    """The decode kernels themselves (int8 activations per group of 64) on trained weights: teacher-
+    forced through the KV cache one code at a time, as the engine decodes. The stepwise fp32
+    reference equals the one-forward one; int8 and int4 stay within the guard's bounds."""
+    import random
+
+    from zuoyou.shapes import sample_scene
+    from zuoyou.train.vq import encode_scenes
+
+    pipe = zuoyou.api.load(None, device="cpu", dtype="fp32")
+    ref, proc = pipe.engine.model, pipe.engine.processor
+    ids = torch.tensor(proc.generation_ids("a photo of a red circle left of a blue square"))
+    un = torch.tensor(proc.uncond_ids(ids.tolist()))
+    codes = encode_scenes(ref.gen_vision_model, [sample_scene(random.Random(1))])[0]
+    cfg = pipe.defaults.cfg
+    full = image_code_logits(ref, ids, un, codes, cfg=cfg)
+    step = image_code_logits(ref, ids, un, codes, cfg=cfg, stepwise=True)
+    assert (full - step).abs().max() < 1e-3 * full.abs().max()
+    for mode in ("int8", "int4"):
+        lossy = quantize_model(copy.deepcopy(ref), mode)
+        r = compare_logits(step, image_code_logits(lossy, ids, un, codes, cfg=cfg, stepwise=True))
+        print(mode, r)
+        # the bounds the other guards use: KL for both (int4's bundled-model test asserts KL only:
+        # near-tied codes of the noisy VQ flip under 4-bit weights), greedy agreement for int8
+        assert r["kl_mean"] < IMG_KL, mode
+        assert mode == "int4" or r["greedy_agreement"] >= AGREEMENT, mode
+
+
 @pytest.mark.skipif(not int4_kernel.available(), reason="no AVX-512 VNNI or no C++ compiler")
 def test_vnni_prefill_unpacks_the_same_weights():
     torch.manual_seed(0)

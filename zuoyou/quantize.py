@@ -350,16 +350,36 @@ def weight_bytes(module: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------------ quality guard
 @torch.inference_mode()
 def image_code_logits(model, prompt_ids: torch.Tensor, uncond_ids: torch.Tensor, codes: torch.Tensor,
-                      cfg: float = 5.0) -> torch.Tensor:
-    """Teacher-forced next-code logits after CFG, one full forward: (T,) codes -> (T, K) float32.
+                      cfg: float = 5.0, stepwise: bool = False) -> torch.Tensor:
+    """Teacher-forced next-code logits after CFG: (T,) codes -> (T, K) float32.
 
     Row ``t`` is the distribution the sampler draws code ``t`` from, given the prompt and ``codes[:t]``.
+    One full forward (many rows: quantised layers take their dense-weight path), or ``stepwise``:
+    the decode path, a KV cache and one code per step for the two CFG rows, as the engine runs it
+    (quantised layers take their decode kernels, int8 activations included).
     """
     dtype = model.language_model.model.embed_tokens.weight.dtype
     rows = torch.stack([prompt_ids, uncond_ids])  # (2, L)
-    x = torch.cat([model.embed_text(rows), model.embed_image_codes(codes[:-1].expand(2, -1))], dim=1).to(dtype)
-    logits = model.image_logits(model.hidden(x)[:, rows.shape[1] - 1:]).float()  # (2, T, K)
-    return logits[1] + cfg * (logits[0] - logits[1])
+    if not stepwise:
+        x = torch.cat([model.embed_text(rows), model.embed_image_codes(codes[:-1].expand(2, -1))], dim=1).to(dtype)
+        logits = model.image_logits(model.hidden(x)[:, rows.shape[1] - 1:]).float()  # (2, T, K)
+        return logits[1] + cfg * (logits[0] - logits[1])
+    lm, (L, T) = model.language_model, (rows.shape[1], len(codes))
+    lm.setup_cache(2, L + T, dtype=dtype)
+    try:
+        h = model.hidden(model.embed_text(rows).to(dtype), torch.arange(L))[:, -1]  # causal prefill, (2, D)
+        out = []
+        for t in range(T):
+            logits = model.image_logits(h).float()  # (2, K)
+            out.append(logits[1] + cfg * (logits[0] - logits[1]))
+            if t < T - 1:
+                slot = L + t
+                x = model.embed_image_codes(codes[t].expand(2))[:, None].to(dtype)  # (2, 1, D)
+                mask = torch.ones(2, 1, 1, slot + 1, dtype=torch.bool)  # the slots written so far
+                h = model.hidden(x, torch.tensor([slot]), mask)[:, -1]
+        return torch.stack(out)
+    finally:
+        lm.clear_cache()
 
 
 @torch.inference_mode()
