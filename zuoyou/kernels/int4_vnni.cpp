@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <type_traits>
 
 namespace {
 
@@ -36,6 +37,38 @@ inline __m256i to_bf16(__m512 v) {  // round to nearest even (no NaN inputs here
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
+// Up to 4 rows, two chains of dependent VPDPBUSDs per row (a and b) halve the chain length; from 5
+// rows on, one chain per row: the rows give enough independent chains, and two would not fit in the
+// 32 vector registers (8 rows spilled 43 of them). ``dot2`` adds xm[0] . wa and xm[1] . wb (4 bytes
+// each, broadcast) to the row's chains; ``sum2`` is the row's total.
+template <int M>
+__attribute__((always_inline)) inline void dot2(__m512i& a, __m512i& b, __m512i wa, __m512i wb, const int32_t* xm) {
+  a = _mm512_dpbusd_epi32(a, wa, _mm512_set1_epi32(xm[0]));
+  if constexpr (M <= 4) {
+    b = _mm512_dpbusd_epi32(b, wb, _mm512_set1_epi32(xm[1]));
+  } else {
+    a = _mm512_dpbusd_epi32(a, wb, _mm512_set1_epi32(xm[1]));
+  }
+}
+
+template <int M>
+__attribute__((always_inline)) inline __m512i sum2(__m512i a, __m512i b) {
+  if constexpr (M <= 4) {
+    return _mm512_add_epi32(a, b);
+  } else {
+    return a;
+  }
+}
+
+// 16 outputs of row m, block b: to y (fp32) or ybf (bf16; the other is null)
+inline void store16(__m512 v, float* y, uint16_t* ybf, int64_t m, int64_t N, int64_t b) {
+  if (ybf) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ybf + m * N + b * 16), to_bf16(v));
+  } else {
+    _mm512_storeu_ps(y + m * N + b * 16, v);
+  }
+}
+
 // y: fp32 output, or ybf: bf16 output (the other is null)
 template <int M>
 void block_rows(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* scale,
@@ -49,10 +82,7 @@ void block_rows(const int8_t* xq, const float* xs, const float* xsum, const uint
     const uint16_t* sb = scale + b * groups * 16;
     const uint16_t* zb = zero + b * groups * 16;
     for (int64_t g = 0; g < groups; ++g) {
-      // two sums per row (low and high nibbles) halve the chain of dependent VPDPBUSDs; from 5 rows
-      // on, one sum per row: the rows give enough independent chains, and two would not fit in the
-      // 32 vector registers (spills)
-      __m512i dlo[M], dhi[M];
+      __m512i dlo[M], dhi[M];  // per row: low nibbles' and high nibbles' chains (see dot2)
       for (int m = 0; m < M; ++m) dlo[m] = dhi[m] = _mm512_setzero_si512();
       const uint8_t* wg = wb + g * 8 * 64;
       _mm_prefetch(reinterpret_cast<const char*>(sb + (g + 4) * 16), _MM_HINT_T0);
@@ -63,30 +93,17 @@ void block_rows(const int8_t* xq, const float* xs, const float* xsum, const uint
         const __m512i lo = _mm512_and_si512(v, low);                         // inputs k0 .. k0+3
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);   // inputs k0+4 .. k0+7
         for (int m = 0; m < M; ++m) {
-          const int32_t* xm = reinterpret_cast<const int32_t*>(xq + m * K + g * G + t * 8);
-          dlo[m] = _mm512_dpbusd_epi32(dlo[m], lo, _mm512_set1_epi32(xm[0]));
-          if constexpr (M <= 4) {
-            dhi[m] = _mm512_dpbusd_epi32(dhi[m], hi, _mm512_set1_epi32(xm[1]));
-          } else {
-            dlo[m] = _mm512_dpbusd_epi32(dlo[m], hi, _mm512_set1_epi32(xm[1]));
-          }
+          dot2<M>(dlo[m], dhi[m], lo, hi, reinterpret_cast<const int32_t*>(xq + m * K + g * G + t * 8));
         }
       }
       const __m512 s = load_bf16(sb + g * 16), z = load_bf16(zb + g * 16);
       for (int m = 0; m < M; ++m) {
         const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(xs[m * groups + g]));
-        const __m512i d = M <= 4 ? _mm512_add_epi32(dlo[m], dhi[m]) : dlo[m];
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sx, acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum2<M>(dlo[m], dhi[m])), sx, acc[m]);
         acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[m * groups + g]), acc[m]);
       }
     }
-    for (int m = 0; m < M; ++m) {
-      if (ybf) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ybf + m * N + b * 16), to_bf16(acc[m]));
-      } else {
-        _mm512_storeu_ps(y + m * N + b * 16, acc[m]);
-      }
-    }
+    for (int m = 0; m < M; ++m) store16(acc[m], y, ybf, m, N, b);
   }
 }
 
@@ -108,7 +125,7 @@ void block_rows8(const int8_t* xq, const float* xs, const int32_t* xqsum, const 
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     const uint8_t* wb = w + b * (K / 4) * 64;
     for (int64_t g = 0; g < groups; ++g) {
-      __m512i d0[M], d1[M];  // two chains of dependent VPDPBUSDs per row up to 4 rows (as above)
+      __m512i d0[M], d1[M];  // per row: even and odd quads' chains (see dot2)
       for (int m = 0; m < M; ++m) d0[m] = d1[m] = _mm512_setzero_si512();
       const uint8_t* wg = wb + g * 16 * 64;
       for (int t = 0; t < 16; t += 2) {
@@ -116,30 +133,17 @@ void block_rows8(const int8_t* xq, const float* xs, const int32_t* xqsum, const 
         _mm_prefetch(reinterpret_cast<const char*>(wg + t * 64 + 4160), _MM_HINT_T0);
         const __m512i v0 = _mm512_loadu_si512(wg + t * 64), v1 = _mm512_loadu_si512(wg + (t + 1) * 64);
         for (int m = 0; m < M; ++m) {
-          const int32_t* xm = reinterpret_cast<const int32_t*>(xq + m * K + g * G + t * 4);
-          d0[m] = _mm512_dpbusd_epi32(d0[m], v0, _mm512_set1_epi32(xm[0]));
-          if constexpr (M <= 4) {
-            d1[m] = _mm512_dpbusd_epi32(d1[m], v1, _mm512_set1_epi32(xm[1]));
-          } else {
-            d0[m] = _mm512_dpbusd_epi32(d0[m], v1, _mm512_set1_epi32(xm[1]));
-          }
+          dot2<M>(d0[m], d1[m], v0, v1, reinterpret_cast<const int32_t*>(xq + m * K + g * G + t * 4));
         }
       }
       for (int m = 0; m < M; ++m) {
-        const __m512i dot = _mm512_sub_epi32(M <= 4 ? _mm512_add_epi32(d0[m], d1[m]) : d0[m],
+        const __m512i dot = _mm512_sub_epi32(sum2<M>(d0[m], d1[m]),
                                              _mm512_set1_epi32(128 * xqsum[m * groups + g]));
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[m * groups + g]), acc[m]);
       }
     }
     const __m512 s = load_bf16(scale + b * 16);
-    for (int m = 0; m < M; ++m) {
-      const __m512 out = _mm512_mul_ps(acc[m], s);
-      if (ybf) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ybf + m * N + b * 16), to_bf16(out));
-      } else {
-        _mm512_storeu_ps(y + m * N + b * 16, out);
-      }
-    }
+    for (int m = 0; m < M; ++m) store16(_mm512_mul_ps(acc[m], s), y, ybf, m, N, b);
   }
 }
 
@@ -189,80 +193,82 @@ QuantRows quantize_rows(const torch::Tensor& x) {
   return r;
 }
 
+// x checked against the weights: (M, K) fp32 or bf16, K a multiple of 64, ``per_slot`` inputs per
+// 64-byte slot of ``packed`` (int4: 8, int8: 4); returned contiguous
+torch::Tensor checked_x(const torch::Tensor& x, const torch::Tensor& packed, int64_t per_slot) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16),
+              "x: (M, K) fp32 or bf16");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(2) == 64, "packed layout");
+  TORCH_CHECK(x.size(1) % G == 0 && packed.size(1) * per_slot == x.size(1),
+              "K must be a multiple of 64 and match the weights");
+  return x.contiguous();
+}
+
+// y's rows from m0 on, as fp32 or as bf16 (read and written as such: no conversion calls; the other is null)
+struct OutRows {
+  float* f;
+  uint16_t* b;
+};
+
+OutRows out_rows(torch::Tensor& y, int64_t m0) {
+  const int64_t N = y.size(1);
+  if (y.scalar_type() == torch::kBFloat16) return {nullptr, reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + m0 * N};
+  return {y.data_ptr<float>() + m0 * N, nullptr};
+}
+
+// f(m0, rows) for rows m0 .. m0 + rows - 1, 8 at a time (each pass reads the weights once); ``rows``
+// is a std::integral_constant, so that f can pick the kernel compiled for that many rows
+template <typename F>
+void by_8_rows(int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 1: f(m0, std::integral_constant<int, 1>{}); break;
+      case 2: f(m0, std::integral_constant<int, 2>{}); break;
+      case 3: f(m0, std::integral_constant<int, 3>{}); break;
+      case 4: f(m0, std::integral_constant<int, 4>{}); break;
+      case 5: f(m0, std::integral_constant<int, 5>{}); break;
+      case 6: f(m0, std::integral_constant<int, 6>{}); break;
+      case 7: f(m0, std::integral_constant<int, 7>{}); break;
+      default: f(m0, std::integral_constant<int, 8>{}); break;
+    }
+  }
+}
+
 }  // namespace
 
-// x (M, K) fp32 or bf16 -> y (M, N) in x's dtype. Rows go 8 at a time (each pass reads the weights once).
+// x (M, K) fp32 or bf16 -> y (M, N) in x's dtype, int4 weights (layout above).
 torch::Tensor int4_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero) {
-  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16),
-              "x: (M, K) fp32 or bf16");
-  const auto x = x_in.contiguous();
-  const bool bf16 = x.scalar_type() == torch::kBFloat16;  // read and written as such (no conversion calls)
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(2) == 64, "packed layout");
+  const auto x = checked_x(x_in, packed, 8);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16, groups = K / G;
-  TORCH_CHECK(K % G == 0 && packed.size(1) * 8 == K, "K must be a multiple of 64 and match the weights");
   TORCH_CHECK(scale.numel() == N * groups && zero.numel() == N * groups, "scale / zero sizes");
   TORCH_CHECK(scale.scalar_type() == torch::kBFloat16 && zero.scalar_type() == torch::kBFloat16, "bf16 scale / zero");
   const QuantRows qr = quantize_rows(x);
-  const int8_t* qp = qr.xq.data_ptr<int8_t>();
-  const float* sp = qr.xs.data_ptr<float>();
-  const float* up = qr.xsum.data_ptr<float>();
   auto y = torch::empty({M, N}, x.scalar_type());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const uint16_t* sc = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
   const uint16_t* ze = reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>());
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const int64_t r = std::min<int64_t>(8, M - m0);
-    const int8_t* q = qp + m0 * K;
-    const float* s = sp + m0 * groups;
-    const float* u = up + m0 * groups;
-    float* out = bf16 ? nullptr : y.data_ptr<float>() + m0 * N;
-    uint16_t* obf = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + m0 * N : nullptr;
-    switch (r) {
-      case 1: run_rows<1>(q, s, u, w, sc, ze, out, obf, N, K); break;
-      case 2: run_rows<2>(q, s, u, w, sc, ze, out, obf, N, K); break;
-      case 3: run_rows<3>(q, s, u, w, sc, ze, out, obf, N, K); break;
-      case 4: run_rows<4>(q, s, u, w, sc, ze, out, obf, N, K); break;
-      case 5: run_rows<5>(q, s, u, w, sc, ze, out, obf, N, K); break;
-      case 6: run_rows<6>(q, s, u, w, sc, ze, out, obf, N, K); break;
-      case 7: run_rows<7>(q, s, u, w, sc, ze, out, obf, N, K); break;
-      default: run_rows<8>(q, s, u, w, sc, ze, out, obf, N, K); break;
-    }
-  }
+  by_8_rows(M, [&](int64_t m0, auto rows) {
+    const OutRows o = out_rows(y, m0);
+    run_rows<decltype(rows)::value>(qr.xq.data_ptr<int8_t>() + m0 * K, qr.xs.data_ptr<float>() + m0 * groups,
+                                    qr.xsum.data_ptr<float>() + m0 * groups, w, sc, ze, o.f, o.b, N, K);
+  });
   return y;
 }
 
 // x (M, K) fp32 or bf16 -> y (M, N) in x's dtype, int8 weights (layout above), bf16 scale per output.
 torch::Tensor int8_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor scale) {
-  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == torch::kFloat || x_in.scalar_type() == torch::kBFloat16),
-              "x: (M, K) fp32 or bf16");
-  const auto x = x_in.contiguous();
-  const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 3 && packed.size(2) == 64, "packed layout");
+  const auto x = checked_x(x_in, packed, 4);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0) * 16, groups = K / G;
-  TORCH_CHECK(K % G == 0 && packed.size(1) * 4 == K, "K must be a multiple of 64 and match the weights");
   TORCH_CHECK(scale.numel() == N && scale.scalar_type() == torch::kBFloat16, "bf16 scale per output");
-  const QuantRows r = quantize_rows(x);
+  const QuantRows qr = quantize_rows(x);
   auto y = torch::empty({M, N}, x.scalar_type());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const uint16_t* sc = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const int64_t n = std::min<int64_t>(8, M - m0);
-    const int8_t* q = r.xq.data_ptr<int8_t>() + m0 * K;
-    const float* s = r.xs.data_ptr<float>() + m0 * groups;
-    const int32_t* u = r.xqsum.data_ptr<int32_t>() + m0 * groups;
-    float* out = bf16 ? nullptr : y.data_ptr<float>() + m0 * N;
-    uint16_t* obf = bf16 ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) + m0 * N : nullptr;
-    switch (n) {
-      case 1: run_rows8<1>(q, s, u, w, sc, out, obf, N, K); break;
-      case 2: run_rows8<2>(q, s, u, w, sc, out, obf, N, K); break;
-      case 3: run_rows8<3>(q, s, u, w, sc, out, obf, N, K); break;
-      case 4: run_rows8<4>(q, s, u, w, sc, out, obf, N, K); break;
-      case 5: run_rows8<5>(q, s, u, w, sc, out, obf, N, K); break;
-      case 6: run_rows8<6>(q, s, u, w, sc, out, obf, N, K); break;
-      case 7: run_rows8<7>(q, s, u, w, sc, out, obf, N, K); break;
-      default: run_rows8<8>(q, s, u, w, sc, out, obf, N, K); break;
-    }
-  }
+  by_8_rows(M, [&](int64_t m0, auto rows) {
+    const OutRows o = out_rows(y, m0);
+    run_rows8<decltype(rows)::value>(qr.xq.data_ptr<int8_t>() + m0 * K, qr.xs.data_ptr<float>() + m0 * groups,
+                                     qr.xqsum.data_ptr<int32_t>() + m0 * groups, w, sc, o.f, o.b, N, K);
+  });
   return y;
 }
 
