@@ -44,7 +44,16 @@ from .memory import release_freed_memory
 MODES = ("int8", "int4")
 INT4_GROUPS = (64, 32, 128, 256)  # group sizes the CPU int4 kernel takes, in order of preference
 PACK_MAX_ROWS = 16  # above this, dequantise + GEMM is faster than the int8 matrix-vector kernel
-VNNI_MAX_ROWS = 96  # the same for the int4 VNNI kernel (it reads the weights once per 8 rows)
+VNNI_MAX_ROWS = 96  # the same for the VNNI kernels (they read the weights once per 8 rows)
+
+
+def _kernel_for(w: torch.Tensor, compute: torch.dtype, kernel: str | None, group: int = int4k.GROUP) -> str:
+    """``kernel`` if given, else "vnni" where zuoyou's VNNI kernels can take ``w`` (CPU, bf16 compute,
+    the shape and group they are built for, and they build here), else "aten"."""
+    if kernel is not None:
+        return kernel
+    fits = compute == torch.bfloat16 and w.device.type == "cpu" and group == int4k.GROUP and int4k.fits(*w.shape)
+    return "vnni" if fits and int4k.available() else "aten"
 
 
 class Int8Linear(nn.Module):
@@ -74,9 +83,7 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach()
         compute = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
         out, inp = w.shape
-        if kernel is None:
-            fits = compute == torch.bfloat16 and w.device.type == "cpu" and int4k.fits(out, inp)
-            kernel = "vnni" if fits and int4k.available() else "aten"
+        kernel = _kernel_for(w, compute, kernel)
         if kernel == "vnni":  # written block by block: rows (a multiple of 16) map to whole blocks
             rows -= rows % int4k.BLOCK
             codes = torch.empty(out // int4k.BLOCK, inp // 4, 4 * int4k.BLOCK, dtype=torch.uint8)
@@ -176,9 +183,7 @@ class Int4Linear(nn.Module):
         w = linear.weight.detach()
         compute = torch.float16 if w.dtype == torch.float16 else torch.bfloat16
         out, inp = w.shape
-        if kernel is None:
-            fits = compute == torch.bfloat16 and group == int4k.GROUP and int4k.fits(out, inp)
-            kernel = "vnni" if fits and int4k.available() else "aten"
+        kernel = _kernel_for(w, compute, kernel, group)
         q = torch.empty(out, inp, dtype=torch.uint8)
         scale = torch.empty(out, inp // group, dtype=compute)
         low = torch.empty(out, inp // group, dtype=compute)
@@ -298,7 +303,7 @@ def check_quantizable(device: torch.device, mode: str | None) -> str | None:
     """``check_mode``, and int4 only on the CPU."""
     mode = check_mode(mode)
     if mode == "int4" and device.type != "cpu":
-        raise ConfigError("quantize='int4' uses ATen's CPU int4 kernel: load on the CPU, or use int8")
+        raise ConfigError("quantize='int4' has CPU kernels only (zuoyou's VNNI or ATen's): load on the CPU, or use int8")
     return mode
 
 

@@ -2,8 +2,9 @@
 
 Built on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and ``ninja`` are needed;
 the build is cached under ``~/.cache/zuoyou/kernels``, or ``$ZUOYOU_CACHE/kernels``). Where it cannot be used (no AVX-512 VNNI,
-no compiler, ``ZUOYOU_INT4_KERNEL=0``) ``available()`` is False and ``zuoyou.quantize.Int4Linear``
-keeps ATen's int4 kernel. ``available()`` never raises: a failed build is reported once as a warning.
+no compiler, ``ZUOYOU_INT4_KERNEL=0``) ``available()`` is False and ``zuoyou.quantize.Int4Linear`` /
+``Int8Linear`` keep ATen's int4 / int8 kernels. ``available()`` never raises: a failed build is
+reported once as a warning.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _module():
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
     if not any(out.glob("*.so")):
-        print("zuoyou: compiling the int4 kernel (first use only, about a minute) ...", file=sys.stderr, flush=True)
+        print("zuoyou: compiling the int4/int8 kernels (first use only, about a minute) ...", file=sys.stderr, flush=True)
     # -fopenmp: at::parallel_for is a header template; without OpenMP it runs on one thread
     flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
     return cpp_extension.load("zuoyou_int4_vnni", [str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
@@ -64,8 +65,8 @@ def available() -> bool:
         _module()
         return True
     except Exception as e:  # no compiler / ninja, or a build error: fall back, say why once
-        warnings.warn(f"zuoyou: the int4 VNNI kernel could not be built ({type(e).__name__}: {str(e)[:200]}); "
-                      "int4 uses ATen's slower kernel", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"zuoyou: the int4/int8 VNNI kernels could not be built ({type(e).__name__}: {str(e)[:200]}); "
+                      "int4 and int8 use ATen's slower kernels", RuntimeWarning, stacklevel=2)
         return False
 
 
