@@ -191,8 +191,10 @@ def _load_quantized(model: Janus, files: list[Path], sizes: dict[str, int], devi
     from .quantize import quantize_part, quantized_part
 
     emb = "language_model.model.embed_tokens.weight"
+    # which file holds each key: a part re-opens only its own shards
+    where = {k: f for f in files for k in read_state_dict([f])} if len(files) > 1 else {}
     for keys in _parts(sizes, group_bytes):
-        src = read_state_dict(files)
+        src = read_state_dict(sorted({where.get(k, where.get(emb)) for k in keys}) if where else files)
         # (a tied text head is absent from the file: it starts as the embedding table, then is quantised)
         part = {k: _convert(src[k] if k in src else src[emb], device, dtype) for k in keys}
         del src
