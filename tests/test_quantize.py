@@ -76,8 +76,12 @@ def test_quantize_model_swaps_lm_linears_and_heads_only(tiny_dir):
     for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj, lm.lm_head,
               model.gen_head.output_mlp_projector, model.gen_head.vision_head):
         assert isinstance(m, Int8Linear)
-    assert not any(isinstance(m, Int8Linear) for part in (model.vision_model, model.aligner, model.gen_aligner,
-                                                           model.gen_vision_model) for m in part.modules())
+    assert not any(isinstance(m, Int8Linear) for part in (model.vision_model, model.aligner, model.gen_vision_model)
+                   for m in part.modules())
+    # the image-code aligner runs at every image step: its linears with a 64-multiple input are quantised
+    for lin in model.gen_aligner.layers:
+        if isinstance(lin, (torch.nn.Linear, Int8Linear)):
+            assert isinstance(lin, Int8Linear) == (lin.in_features % 64 == 0)
     assert isinstance(lm.model.embed_tokens, torch.nn.Embedding)
     assert weight_bytes(lm.model.layers) < 0.3 * before  # fp32 -> int8 + per-channel scales
     assert quantize_model(model, None) is model

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero "
                                         "(tokenizer, VQ, encoder pre-training, three stages)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
-    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4"], default="v4",
+    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5"], default="v4",
                     help="v4: the bundled model's recipe (default; v3 with a wide image-code embedding); v3: v1's VQ, "
                          "a pre-trained understanding encoder, more generation data; v1: the first bundled model; "
                          "v2: deterministic VQ codes, multi-question dialogues (see the README for how they compared)")

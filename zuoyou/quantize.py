@@ -1,11 +1,12 @@
-"""Weight-only int8 / int4 quantisation of the LM linears and the two heads, applied from outside the model.
+"""Weight-only int8 / int4 quantisation of the LM linears and the per-step image path, applied from outside the model.
 
 int4 (``Int4Linear``, decoder layers only) is described in its class; this text is about int8.
 
 ``quantize_model(model, "int8")`` swaps, in place, every ``nn.Linear`` of the LLaMA decoder layers,
-the text head (``lm_head``) and the image head (``gen_head``) for an ``Int8Linear``: int8 weights
-with one symmetric scale per output channel (``w ~ q * s``, ``s = absmax / 127``). The model code is
-untouched; the vision tower, the aligners, the embeddings and the VQ stay in the model's dtype.
+the text head (``lm_head``), the image head (``gen_head``) and the image-code aligner (``gen_aligner``,
+but an input narrower than 64) for an ``Int8Linear``: int8 weights with one symmetric scale per output
+channel (``w ~ q * s``, ``s = absmax / 127``). The model code is untouched; the vision tower, its
+aligner, the embeddings and the VQ stay in the model's dtype.
 
 Why our own module rather than torchao (measured on this repo's CPU, see ``benchmarks/README.md``):
 torchao 0.18's ``Int8WeightOnlyConfig`` installs and runs on CPU, but its linear is slower than
@@ -283,9 +284,9 @@ def check_mode(mode: str | None) -> str | None:
 
 
 def quantize_model(model, mode: str | None):
-    """Quantise a ``Janus`` in place: decoder-layer linears, ``lm_head`` and ``gen_head``. Returns the model.
+    """Quantise a ``Janus`` in place: decoder-layer linears, ``lm_head``, ``gen_head``, ``gen_aligner``. Returns the model.
 
-    ``mode``: None / "none" (no-op), "int8", or "int4" (decoder layers in int4, the two heads in
+    ``mode``: None / "none" (no-op), "int8", or "int4" (decoder layers in int4, the two heads and the aligner in
     int8: they are a few % of the bytes of a step and the first place where rounding shows). The
     text head is quantised separately from a tied ``embed_tokens`` (the table stays in float).
     (``zuoyou.loading.load_model(..., quantize=mode)`` does the same part by part while it loads.)
@@ -309,16 +310,20 @@ def check_quantizable(device: torch.device, mode: str | None) -> str | None:
 
 def quantized_part(name: str, module: nn.Module) -> bool:
     """Is the submodule ``name`` one that quantisation replaces: a decoder layer (its linears), the
-    text head, or a linear of the image head?"""
-    return (_LAYER.fullmatch(name) is not None or name == "language_model.lm_head"
-            or (name.startswith("gen_head.") and isinstance(module, nn.Linear)))
+    text head, a linear of the image head, or a linear of the image-code aligner with a 64-multiple
+    input? (The aligner runs at every image step too: Janus's 2048 x 2048 second layer took ~1.5 ms of
+    a step in bf16; its 8-wide first layer is left in float.)"""
+    if not isinstance(module, nn.Linear):
+        return _LAYER.fullmatch(name) is not None
+    return (name == "language_model.lm_head" or name.startswith("gen_head.")
+            or (name.startswith("gen_aligner.") and module.in_features % 64 == 0))
 
 
 _LAYER = re.compile(r"language_model\.model\.layers\.\d+")
 
 
 def quantize_part(model, name: str, mode: str) -> None:
-    """Quantise the submodule ``name`` (see ``quantized_part``): int4 or int8 decoder linears, int8 heads."""
+    """Quantise the submodule ``name`` (see ``quantized_part``): int4 or int8 decoder linears, int8 elsewhere."""
     module = model.get_submodule(name)
     if _LAYER.fullmatch(name):
         quantize_linears(module, mode)

@@ -18,7 +18,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). One ``multinomial`` call for the whole group, as the reference."""
+    """logits (B, V) -> token ids (B,), one draw per row from the (filtered) softmax."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -31,8 +31,13 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, t
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse CDF: one uniform number per row. ``torch.multinomial`` draws an exponential variate per
+    # entry (16384 per row for Janus's image codes: ~0.7 ms of a ~60 ms CPU decode step); this is the
+    # same distribution at the cost of one cumulative sum
+    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # right=True: the first entry whose cumulative mass exceeds u, never one of zero probability
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:

@@ -71,6 +71,9 @@ class Recipe:
     compile: bool = False  # compiled trunk in the LM stages (``train(compile=True)``)
     gen_embed_dim: int = 8  # width of ``gen_embed`` (config ``gen_vision_config.params.n_embed``; Janus: 8)
     gen_embed_std: float = 0.02  # its init scale
+    # (v5) a fourth stage after stage 3: a warm restart of SFT, (minutes, peak lr, GenEval-style prompt
+    # share of its generation examples); its minutes come on top of ``minutes``
+    stage3b: tuple[float, float, float] | None = None
 
 
 RECIPES = {
@@ -81,6 +84,9 @@ RECIPES = {
     "v3": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 72.0, 26.0, 8.0, True),
     # v3 with a 256-wide gen_embed drawn from N(0, 1): an 8-d input at norm ~0.003 hid which code came before
     "v4": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 8.0, True, 256, 1.0),
+    # v4, then 70 more minutes of SFT: lr back up to 3e-4 and down again, 70 % GenEval-style prompts
+    "v5": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 8.0, True, 256, 1.0,
+                 (70.0, 3e-4, 0.7)),
 }
 
 
@@ -113,7 +119,7 @@ class ShapesData:
             simple = stage.options.get("simple", False)
             scenes, prompts = [], []
             for _ in range(n):
-                if rng.random() < 0.5:  # a GenEval-style prompt and a scene satisfying it exactly
+                if rng.random() < stage.options.get("prompt_share", 0.5):  # a GenEval-style prompt, a scene satisfying it
                     p = sample_prompt(rng, rng.choice(["single_object", "colors"]) if simple else None)
                     scene, text = scene_for_prompt(rng, p), p.text
                 else:  # a richer caption of a random scene
@@ -153,12 +159,17 @@ def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v4"])
     mix2, mix3 = recipe.mixes
     # a pre-trained encoder stays frozen while the random aligner learns to read it (Janus stage 1)
     frozen = ("gen_vision_model.", "vision_model.") if recipe.encoder_minutes else ("gen_vision_model.",)
-    return [
+    out = [
         Stage("stage1", lr=1e-3, minutes=m1, warmup=100, mix=(1, 0, 3), batch_size=batch_size, options={"simple": True},
               frozen=frozen),
         Stage("stage2", lr=1e-3, minutes=m2, warmup=0, mix=mix2, batch_size=batch_size),
         Stage("stage3", lr=1e-3, minutes=m3, warmup=0, decay=True, mix=mix3, batch_size=batch_size),
     ]
+    if recipe.stage3b:
+        m4, lr4, share = recipe.stage3b
+        out.append(Stage("stage3b", lr=lr4, minutes=m4, warmup=50, decay=True, mix=mix3, batch_size=batch_size,
+                         options={"prompt_share": share}))
+    return out
 
 
 def build_shapes_model(out: Path, vq: VQModel, vocab: int, seed: int, embed_from_codebook: bool = False,
