@@ -27,26 +27,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # computed in fp32 like HF Llama, then cast back
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # normalised in fp32 like HF Llama, cast back, then scaled (the same roundings as HF; one fused
+        # op instead of five: a decode step runs 2 per layer)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos/sin tables for rotate-half RoPE at integer ``positions`` (any shape) -> (*pos, hd)."""
+    """cos and *signed* sin tables for rotate-half RoPE at integer ``positions`` (any shape) -> (*pos, hd).
+
+    HF's layout is non-interleaved: ``x * cos + cat(-x2, x1) * sin``. The sign of the first half is
+    folded into the sin table (``[-sin, sin]``), so that ``apply_rope`` rotates with one ``roll``.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (*pos, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (*pos, hd): HF's non-interleaved layout
-    return emb.cos(), emb.sin()
+    sin = freqs.sin()
+    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, nh, T, hs); cos/sin: (B, 1, T, hs)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    # x: (B, nh, T, hs); cos / signed sin: (B, 1, T, hs). roll(x) = cat(x2, x1): with the signed sin the
+    # same products as HF's cat(-x2, x1) * sin (negation is exact), in 4 ops instead of 7
+    return (x * cos + x.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
