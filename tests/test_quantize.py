@@ -173,6 +173,27 @@ def test_int8_vnni_kernel_against_its_own_arithmetic():
 
 
 @pytest.mark.skipif(not int4_kernel.available(), reason="no AVX-512 VNNI or no C++ compiler")
+def test_amx_rows_equal_the_vnni_rows():
+    """5-8 rows take AMX tiles where the CPU has AMX-INT8 (else the VNNI loop): the same int32 sums and
+    scaling, so each row equals, bit for bit, that row computed alone (1 row: always VNNI). An odd
+    group count (K = 5 x 64) covers the pipeline's last group."""
+    torch.manual_seed(0)
+    N, K = 48, 320
+    q4, q8 = torch.randint(0, 16, (N, K), dtype=torch.uint8), torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    scale, low = torch.rand(N, K // 64).bfloat16() * 0.1, torch.randn(N, K // 64).bfloat16() * 0.1
+    p4, s4, l4 = int4_kernel.pack(q4), int4_kernel.by_block(scale), int4_kernel.by_block(low)
+    p8, s8 = int4_kernel.pack8(q8), (torch.rand(N) * 0.01).bfloat16()
+    for rows in (5, 6, 7, 8, 13):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(rows, K, dtype=dtype)
+            alone4 = torch.cat([int4_kernel.mm(x[i:i + 1], p4, s4, l4) for i in range(rows)])
+            alone8 = torch.cat([int4_kernel.mm8(x[i:i + 1], p8, s8) for i in range(rows)])
+            assert torch.equal(int4_kernel.mm(x, p4, s4, l4), alone4), (rows, dtype)
+            assert torch.equal(int4_kernel.mm8(x, p8, s8), alone8), (rows, dtype)
+    assert isinstance(int4_kernel.amx_available(), bool)
+
+
+@pytest.mark.skipif(not int4_kernel.available(), reason="no AVX-512 VNNI or no C++ compiler")
 @pytest.mark.parametrize("rows", [1, 8, 100])  # decode rows on the kernel; prefill (> VNNI_MAX_ROWS) dequantises
 def test_int8_linear_on_the_vnni_kernel(rows):
     torch.manual_seed(0)

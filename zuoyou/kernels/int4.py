@@ -70,6 +70,11 @@ def available() -> bool:
         return False
 
 
+def amx_available() -> bool:
+    """Do 5-8 row products run on AMX tiles (CPU with AMX-INT8, granted by Linux, ``ZUOYOU_AMX`` not 0)?"""
+    return available() and bool(_module().amx_available())
+
+
 def pack(q: torch.Tensor) -> torch.Tensor:
     """(N, K) integers in 0..15 -> (N/16, K/8, 64) uint8 in the kernel's layout (see int4_vnni.cpp)."""
     N, K = q.shape

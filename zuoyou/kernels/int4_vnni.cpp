@@ -19,7 +19,13 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -155,6 +161,162 @@ void run_rows8(const int8_t* xq, const float* xs, const int32_t* xqsum, const ui
   });
 }
 
+// ---------------------------------------------------------------------------------------- AMX (5-8 rows)
+// From 5 rows on, the VPDPBUSD kernels above are compute-bound (one instruction per row per 64 weight
+// bytes). An AMX TDPBSUD multiplies a whole (rows x 64) int8 activation tile by a (64 x 16) weight tile:
+// per group of 64 inputs and block of 16 outputs, one instruction for all rows. The weights' VNNI
+// layout is already AMX's B-tile layout (16 rows of 4 inputs x 16 outputs): int8 weights load as they
+// are; int4 ones are unpacked into a 1 KiB buffer first (low nibbles: inputs 8t..8t+3, high: 8t+4..).
+// The group's int32 tile is stored and scaled exactly as in the VNNI kernels, so both paths give the
+// same sums. Used where the CPU has AMX-INT8 and Linux grants the tile state (``amx_available``).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool request_amx() {
+#if defined(__linux__) && defined(__x86_64__)
+  if (const char* env = std::getenv("ZUOYOU_AMX"); env && std::strcmp(env, "0") == 0) return false;
+  if (!__builtin_cpu_supports("avx512f")) return false;
+  unsigned a, b, c, d;
+  __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+  const bool tile = d & (1u << 24), int8 = d & (1u << 25);  // CPUID.(7,0):EDX AMX-TILE, AMX-INT8
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return tile && int8 && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+  return false;
+#endif
+}
+
+bool amx_ok() {
+  static const bool ok = request_amx();
+  return ok;
+}
+
+// tiles: 0 and 1 = C (M x 16 int32, even and odd groups), 2 = A (M x 64 int8 activations), 3 = B (16 x 64 weights)
+__attribute__((target("amx-tile,amx-int8"))) inline void amx_configure(int M) {
+  TileConfig cfg;
+  for (int t = 0; t < 3; ++t) {
+    cfg.rows[t] = M;
+    cfg.colsb[t] = 64;
+  }
+  cfg.rows[3] = 16;
+  cfg.colsb[3] = 64;
+  // gcc does not see ldtilecfg read the whole 64 bytes and drops the stores above without this barrier
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+// One block of 16 outputs, software-pipelined over the groups: while group g's tile product runs, the
+// int4 weights of group g+1 are unpacked (into the other half of ``wbuf``) and group g-1's sums (stored
+// from the other C tile) are scaled into ``acc``: a tile load never waits on stores just made.
+template <int M, bool INT4>
+struct AmxBlock {
+  const int8_t* xq;
+  const float *xs, *xsum;
+  const int32_t* xqsum;
+  const uint16_t *scale, *zero;
+  int64_t K, groups, b;
+  const uint8_t* wb;
+  alignas(64) uint8_t wbuf[2][16 * 64];
+  alignas(64) int32_t cbuf[2][M * 16];
+  __m512 acc[M];
+
+  __attribute__((target("amx-tile,amx-int8"))) const uint8_t* weights(int64_t g) {
+    if constexpr (INT4) {
+      const __m512i low = _mm512_set1_epi8(0x0F);
+      const uint8_t* wg = wb + g * 8 * 64;
+      uint8_t* dst = wbuf[g & 1];
+      for (int t = 0; t < 8; ++t) {
+        _mm_prefetch(reinterpret_cast<const char*>(wg + t * 64 + 2048), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(wg + t * 64);
+        _mm512_store_si512(dst + (2 * t) * 64, _mm512_and_si512(v, low));
+        _mm512_store_si512(dst + (2 * t + 1) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+      }
+      return dst;
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + g * 16 * 64 + 4096), _MM_HINT_T0);
+      return wb + g * 16 * 64;
+    }
+  }
+
+  __attribute__((target("amx-tile,amx-int8"))) void scale_into_acc(int64_t g) {
+    const int32_t* c = cbuf[g & 1];
+    if constexpr (INT4) {
+      const __m512 s = load_bf16(scale + (b * groups + g) * 16), z = load_bf16(zero + (b * groups + g) * 16);
+      for (int m = 0; m < M; ++m) {
+        const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(xs[m * groups + g]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + m * 16)), sx, acc[m]);
+        acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[m * groups + g]), acc[m]);
+      }
+    } else {
+      for (int m = 0; m < M; ++m) {
+        const __m512i dot = _mm512_sub_epi32(_mm512_load_si512(c + m * 16), _mm512_set1_epi32(128 * xqsum[m * groups + g]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[m * groups + g]), acc[m]);
+      }
+    }
+  }
+
+  // group g on C tile 0 (even g) or 1 (odd g): gcc's tile intrinsics paste the tile number into the
+  // instruction text, so it must be a literal
+#define ZUOYOU_AMX_GROUP(T)                                                                \
+  __attribute__((target("amx-tile,amx-int8"))) void group##T(int64_t g, const uint8_t*& next) { \
+    _tile_loadd(3, next, 64);                                                              \
+    _tile_loadd(2, xq + g * G, K);                                                         \
+    _tile_zero(T);                                                                         \
+    _tile_dpbsud(T, 2, 3); /* signed activations x unsigned weights (int4: 0..15, int8: q + 128) */ \
+    if (g + 1 < groups) next = weights(g + 1);                                             \
+    if (g > 0) scale_into_acc(g - 1);                                                      \
+    _tile_stored(T, cbuf[g & 1], 64);                                                      \
+  }
+  ZUOYOU_AMX_GROUP(0)
+  ZUOYOU_AMX_GROUP(1)
+#undef ZUOYOU_AMX_GROUP
+
+  __attribute__((target("amx-tile,amx-int8"))) void run(float* y, uint16_t* ybf, int64_t N) {
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    const uint8_t* next = weights(0);
+    for (int64_t g = 0; g < groups; g += 2) {
+      group0(g, next);
+      if (g + 1 < groups) group1(g + 1, next);
+    }
+    scale_into_acc(groups - 1);
+    if constexpr (INT4) {
+      for (int m = 0; m < M; ++m) store16(acc[m], y, ybf, m, N, b);
+    } else {
+      const __m512 s = load_bf16(scale + b * 16);
+      for (int m = 0; m < M; ++m) store16(_mm512_mul_ps(acc[m], s), y, ybf, m, N, b);
+    }
+  }
+};
+
+template <int M, bool INT4>
+__attribute__((target("amx-tile,amx-int8"))) void block_rows_amx(
+    const int8_t* xq, const float* xs, const float* xsum, const int32_t* xqsum, const uint8_t* w,
+    const uint16_t* scale, const uint16_t* zero, float* y, uint16_t* ybf, int64_t N, int64_t K, int64_t b0, int64_t b1) {
+  amx_configure(M);
+  AmxBlock<M, INT4> blk;
+  blk.xq = xq, blk.xs = xs, blk.xsum = xsum, blk.xqsum = xqsum, blk.scale = scale, blk.zero = zero;
+  blk.K = K, blk.groups = K / G;
+  for (int64_t b = b0; b < b1; ++b) {
+    blk.b = b;
+    blk.wb = w + b * (K / (INT4 ? 8 : 4)) * 64;  // int4: K/8 slots of 64 bytes, int8: K/4
+    blk.run(y, ybf, N);
+  }
+  _tile_release();
+}
+
+template <int M, bool INT4>
+void run_rows_amx(const int8_t* xq, const float* xs, const float* xsum, const int32_t* xqsum, const uint8_t* w,
+                  const uint16_t* scale, const uint16_t* zero, float* y, uint16_t* ybf, int64_t N, int64_t K) {
+  at::parallel_for(0, N / 16, 8, [&](int64_t b0, int64_t b1) {
+    block_rows_amx<M, INT4>(xq, xs, xsum, xqsum, w, scale, zero, y, ybf, N, K, b0, b1);
+  });
+}
+
+constexpr int AMX_MIN_ROWS = 5;
+
 // per (row, group of 64): int8 activations, their scale, the exact sum of the group (int4's zero points)
 // and the sum of the int8 values (int8's +128 offset)
 struct QuantRows {
@@ -249,8 +411,14 @@ torch::Tensor int4_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor sc
   const uint16_t* ze = reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>());
   by_8_rows(M, [&](int64_t m0, auto rows) {
     const OutRows o = out_rows(y, m0);
-    run_rows<decltype(rows)::value>(qr.xq.data_ptr<int8_t>() + m0 * K, qr.xs.data_ptr<float>() + m0 * groups,
-                                    qr.xsum.data_ptr<float>() + m0 * groups, w, sc, ze, o.f, o.b, N, K);
+    constexpr int R = decltype(rows)::value;
+    const int8_t* xq = qr.xq.data_ptr<int8_t>() + m0 * K;
+    const float *xs = qr.xs.data_ptr<float>() + m0 * groups, *xsum = qr.xsum.data_ptr<float>() + m0 * groups;
+    if (R >= AMX_MIN_ROWS && amx_ok()) {
+      run_rows_amx<R, true>(xq, xs, xsum, nullptr, w, sc, ze, o.f, o.b, N, K);
+    } else {
+      run_rows<R>(xq, xs, xsum, w, sc, ze, o.f, o.b, N, K);
+    }
   });
   return y;
 }
@@ -266,8 +434,15 @@ torch::Tensor int8_mm(torch::Tensor x_in, torch::Tensor packed, torch::Tensor sc
   const uint16_t* sc = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>());
   by_8_rows(M, [&](int64_t m0, auto rows) {
     const OutRows o = out_rows(y, m0);
-    run_rows8<decltype(rows)::value>(qr.xq.data_ptr<int8_t>() + m0 * K, qr.xs.data_ptr<float>() + m0 * groups,
-                                     qr.xqsum.data_ptr<int32_t>() + m0 * groups, w, sc, o.f, o.b, N, K);
+    constexpr int R = decltype(rows)::value;
+    const int8_t* xq = qr.xq.data_ptr<int8_t>() + m0 * K;
+    const float* xs = qr.xs.data_ptr<float>() + m0 * groups;
+    const int32_t* xqsum = qr.xqsum.data_ptr<int32_t>() + m0 * groups;
+    if (R >= AMX_MIN_ROWS && amx_ok()) {
+      run_rows_amx<R, false>(xq, xs, nullptr, xqsum, w, sc, nullptr, o.f, o.b, N, K);
+    } else {
+      run_rows8<R>(xq, xs, xqsum, w, sc, o.f, o.b, N, K);
+    }
   });
   return y;
 }
@@ -305,4 +480,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "int4 weights x int8 activations (AVX-512 VNNI)");
   m.def("int4_unpack", &int4_unpack, "the weights as a dense bf16 matrix");
   m.def("int8_mm", &int8_mm, "int8 weights x int8 activations (AVX-512 VNNI)");
+  m.def("amx_available", &amx_ok, "AMX-INT8 used for 5-8 row inputs (the CPU has it, Linux granted it, ZUOYOU_AMX != 0)");
 }
