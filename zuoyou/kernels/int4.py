@@ -1,5 +1,8 @@
 """The int4 / int8 x int8 decode kernels (``int4_vnni.cpp``): availability, build, weight layouts.
 
+AVX-512 VNNI for 1-4 rows; from 5 rows on, AMX-INT8 tiles where the CPU has them and Linux grants
+them (``amx_available()``; ``ZUOYOU_AMX=0`` keeps VNNI), with bit-identical results.
+
 Built on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and ``ninja`` are needed;
 the build is cached under ``~/.cache/zuoyou/kernels``, or ``$ZUOYOU_CACHE/kernels``). Where it cannot be used (no AVX-512 VNNI,
 no compiler, ``ZUOYOU_INT4_KERNEL=0``) ``available()`` is False and ``zuoyou.quantize.Int4Linear`` /
