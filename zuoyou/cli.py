@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5"], default="v4",
                     help="v4: the bundled model's recipe (default; v3 with a wide image-code embedding); v3: v1's VQ, "
                          "a pre-trained understanding encoder, more generation data; v1: the first bundled model; "
-                         "v2: deterministic VQ codes, multi-question dialogues (see the README for how they compared)")
+                         "v2: deterministic VQ codes, multi-question dialogues; v5: v4 + 70 min more SFT (no better held "
+                         "out) (see the README for how they compared)")
     ts.add_argument("--minutes", type=float, default=None,
                     help="wall-clock budget of the three LM stages (default: the recipe's, 80 for v4)")
     ts.add_argument("--vq-minutes", type=float, default=None,

@@ -144,12 +144,14 @@ def quick_eval(pipe, log=None) -> dict:
     return out
 
 
-def choose_defaults(pipe, cfgs=(1.5, 2.0, 3.0, 5.0), temps=(0.6, 0.8, 1.0), log=None) -> dict:
-    """Grid search of CFG x temperature on validation prompts (not the evaluation's)."""
+def choose_defaults(pipe, cfgs=(1.5, 2.0, 3.0, 5.0), temps=(0.6, 0.8, 1.0), log=None, per_category: int = 24,
+                    images: int = 4) -> dict:
+    """Grid search of CFG x temperature on validation prompts (not the evaluation's), as many images per
+    setting as the evaluation (576): with 96 (before the fifth session) the choice was within noise."""
     best = None
     for cfg in cfgs:
         for t in temps:
-            s = geneval(pipe, per_category=8, images=2, seed=VALID_SEED, cfg=cfg, temperature=t)["overall"]
+            s = geneval(pipe, per_category=per_category, images=images, seed=VALID_SEED, cfg=cfg, temperature=t)["overall"]
             if log:
                 log(f"defaults: cfg {cfg} temperature {t} -> {s:.3f}")
             if best is None or s > best[0]:
