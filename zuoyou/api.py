@@ -122,10 +122,10 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
     """Load a checkpoint folder or hub id (None: the bundled ShapesWorld model) into a ``Pipeline``.
 
     ``quantize="int8"``: int8 weight-only LM linears, heads and image-code aligner (``zuoyou.quantize``),
-    bf16 activations; ``quantize="int4"`` (CPU): group-wise int4 decoder linears, int8 for the rest. Both are applied layer by
-    layer while loading (the float checkpoint is never all in memory); decode steps run on zuoyou's
-    AVX-512 VNNI kernels (AMX tiles for 5-8 rows where the CPU has them; built on first use) where the CPU,
-    a C++ compiler and bf16 compute allow,
+    bf16 activations; ``quantize="int4"`` (CPU): group-wise int4 decoder linears, int8 for the rest.
+    Both are applied layer by layer while loading (the float checkpoint is never all in memory); decode
+    steps run on zuoyou's AVX-512 VNNI kernels (AMX tiles for 5-8 rows where the CPU has them; built on
+    first use) where the CPU, a C++ compiler and bf16 compute allow,
     else on ATen's kernels (``zuoyou.quantize.Int8Linear`` / ``Int4Linear``).
     ``compile=True``: ``torch.compile`` the one-token decode step (first call of each batch shape compiles);
     ``compile="max-autotune"``: autotuned, with frozen weights (see ``zuoyou.engine.Engine``).

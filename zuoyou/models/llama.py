@@ -27,8 +27,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalised in fp32 like HF Llama, cast back, then scaled (the same roundings as HF; one fused
-        # op instead of five: a decode step runs 2 per layer)
+        # normalised in fp32 like HF Llama, cast back, then scaled (the same roundings as HF; one call
+        # instead of five: a decode step runs 2 per layer)
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
 
 
