@@ -75,6 +75,19 @@ inline void store16(__m512 v, float* y, uint16_t* ybf, int64_t m, int64_t N, int
   }
 }
 
+// One group's int32 sums of one row into its fp32 accumulator (VNNI and AMX paths alike).
+// int4: acc += dot * (scale * xs) + zero * xsum (zero points with the exact float sum of the group)
+inline __m512 add_group4(__m512 acc, __m512i dot, __m512 s, __m512 z, float xs, float xsum) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(xs)), acc);
+  return _mm512_fmadd_ps(z, _mm512_set1_ps(xsum), acc);
+}
+
+// int8: acc += (dot - 128 * sum of xq) * xs (the +128 of the unsigned weight bytes taken back)
+inline __m512 add_group8(__m512 acc, __m512i dot, int32_t xqsum, float xs) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, _mm512_set1_epi32(128 * xqsum))),
+                         _mm512_set1_ps(xs), acc);
+}
+
 // y: fp32 output, or ybf: bf16 output (the other is null)
 template <int M>
 void block_rows(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w, const uint16_t* scale,
@@ -104,9 +117,7 @@ void block_rows(const int8_t* xq, const float* xs, const float* xsum, const uint
       }
       const __m512 s = load_bf16(sb + g * 16), z = load_bf16(zb + g * 16);
       for (int m = 0; m < M; ++m) {
-        const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(xs[m * groups + g]));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum2<M>(dlo[m], dhi[m])), sx, acc[m]);
-        acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[m * groups + g]), acc[m]);
+        acc[m] = add_group4(acc[m], sum2<M>(dlo[m], dhi[m]), s, z, xs[m * groups + g], xsum[m * groups + g]);
       }
     }
     for (int m = 0; m < M; ++m) store16(acc[m], y, ybf, m, N, b);
@@ -143,9 +154,7 @@ void block_rows8(const int8_t* xq, const float* xs, const int32_t* xqsum, const 
         }
       }
       for (int m = 0; m < M; ++m) {
-        const __m512i dot = _mm512_sub_epi32(sum2<M>(d0[m], d1[m]),
-                                             _mm512_set1_epi32(128 * xqsum[m * groups + g]));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[m * groups + g]), acc[m]);
+        acc[m] = add_group8(acc[m], sum2<M>(d0[m], d1[m]), xqsum[m * groups + g], xs[m * groups + g]);
       }
     }
     const __m512 s = load_bf16(scale + b * 16);
@@ -178,7 +187,6 @@ struct alignas(64) TileConfig {
 bool request_amx() {
 #if defined(__linux__) && defined(__x86_64__)
   if (const char* env = std::getenv("ZUOYOU_AMX"); env && std::strcmp(env, "0") == 0) return false;
-  if (!__builtin_cpu_supports("avx512f")) return false;
   unsigned a, b, c, d;
   __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
   const bool tile = d & (1u << 24), int8 = d & (1u << 25);  // CPUID.(7,0):EDX AMX-TILE, AMX-INT8
@@ -246,14 +254,11 @@ struct AmxBlock {
     if constexpr (INT4) {
       const __m512 s = load_bf16(scale + (b * groups + g) * 16), z = load_bf16(zero + (b * groups + g) * 16);
       for (int m = 0; m < M; ++m) {
-        const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(xs[m * groups + g]));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + m * 16)), sx, acc[m]);
-        acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xsum[m * groups + g]), acc[m]);
+        acc[m] = add_group4(acc[m], _mm512_load_si512(c + m * 16), s, z, xs[m * groups + g], xsum[m * groups + g]);
       }
     } else {
       for (int m = 0; m < M; ++m) {
-        const __m512i dot = _mm512_sub_epi32(_mm512_load_si512(c + m * 16), _mm512_set1_epi32(128 * xqsum[m * groups + g]));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[m * groups + g]), acc[m]);
+        acc[m] = add_group8(acc[m], _mm512_load_si512(c + m * 16), xqsum[m * groups + g], xs[m * groups + g]);
       }
     }
   }
