@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "v2: deterministic VQ codes, multi-question dialogues; v5: v4 + 70 min more SFT (no better held "
                          "out) (see the README for how they compared)")
     ts.add_argument("--minutes", type=float, default=None,
-                    help="wall-clock budget of the three LM stages (default: the recipe's, 80 for v4)")
+                    help="wall-clock budget of the three LM stages (default: the recipe's, 80 for v4; v5's fourth "
+                         "stage adds its own 70)")
     ts.add_argument("--vq-minutes", type=float, default=None,
                     help="wall-clock budget of the VQ training (default: the recipe's, 26 for v4)")
     ts.add_argument("--seed", type=int, default=1)

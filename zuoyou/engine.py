@@ -21,7 +21,7 @@ from .errors import ConfigError, InputError
 from .memory import release_freed_memory
 from .models.janus import Janus
 from .processor import Message, Processor, TextStream, to_pil
-from .sampling import check_sampling, make_generator, sample
+from .sampling import check_sampling, guide, make_generator, sample
 
 
 @dataclass
@@ -172,7 +172,7 @@ class Engine:
             steps = tqdm(steps, desc="drawing", unit="tok", leave=False)
         for i in steps:
             logits = self.model.image_logits(h).float()  # (2R, K)
-            logits = logits[R:] + cfg * (logits[:R] - logits[R:])  # CFG
+            logits = guide(logits, cfg)  # (R, K)
             for r, g, sl in zip(requests, gens, groups):
                 codes[sl, i] = sample(logits[sl], r.temperature, r.top_k, r.top_p, g)
             if i == T - 1:

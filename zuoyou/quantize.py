@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .sampling import guide
 from .kernels import int4 as int4k
 from .memory import release_freed_memory
 
@@ -373,7 +374,7 @@ def image_code_logits(model, prompt_ids: torch.Tensor, uncond_ids: torch.Tensor,
     if not stepwise:
         x = torch.cat([model.embed_text(rows), model.embed_image_codes(codes[:-1].expand(2, -1))], dim=1).to(dtype)
         logits = model.image_logits(model.hidden(x)[:, rows.shape[1] - 1:]).float()  # (2, T, K)
-        return logits[1] + cfg * (logits[0] - logits[1])
+        return guide(logits, cfg)[0]
     lm, (L, T) = model.language_model, (rows.shape[1], len(codes))
     lm.setup_cache(2, L + T, dtype=dtype)
     try:
@@ -381,7 +382,7 @@ def image_code_logits(model, prompt_ids: torch.Tensor, uncond_ids: torch.Tensor,
         out = []
         for t in range(T):
             logits = model.image_logits(h).float()  # (2, K)
-            out.append(logits[1] + cfg * (logits[0] - logits[1]))
+            out.append(guide(logits, cfg)[0])
             if t < T - 1:
                 slot = L + t
                 x = model.embed_image_codes(codes[t].expand(2))[:, None].to(dtype)  # (2, 1, D)

@@ -16,6 +16,13 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise InputError(f"top_p={top_p}: must be in (0, 1]")
 
 
+def guide(logits: torch.Tensor, cfg) -> torch.Tensor:
+    """Classifier-free guidance over a CFG batch: (2R, ...) logits, the R conditional rows first, then
+    the R unconditional ones -> (R, ...) ``uncond + cfg * (cond - uncond)``; ``cfg`` a number or (R, 1)."""
+    R = logits.shape[0] // 2
+    return logits[R:] + cfg * (logits[:R] - logits[R:])
+
+
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,), one draw per row from the (filtered) softmax."""
