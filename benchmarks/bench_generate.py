@@ -7,7 +7,7 @@ A random ``JanusForConditionalGeneration`` of the chosen size (transformers' own
 in the transformers layout and, via ``zuoyou.convert.hf_to_official``, in the official layout; each
 mode runs in its own subprocess on those weights (fp32 modes upcast the same bf16 values): zuoyou
 fp32 / bf16 / int8 (int8 weights, bf16 activations) / int4 (int4 decoder layers, int8 heads; zuoyou's VNNI
-kernel where available) [/ int4-aten (ATen's int4 kernel), int8-fp32, "+compile" / "+autotune"], the port
+kernel where available) [/ int4-aten (ATen's int4 kernel), int8-fp32, "+compile" / "+autotune", "+kv8"], the port
 in fp32 / bf16. Per mode: text-to-image (CFG 5, temperature 1, n = 1 and 4) prefill, ms per decode
 step (between calls of the image head; after a 2-step warm-up), VQ decode, s/image (extrapolated
 from ``--steps K``); understanding (one image + a question, greedy) prefill and ms per token; peak
@@ -41,7 +41,8 @@ ZUOYOU = {"fp32": ("fp32", None), "bf16": ("bf16", None), "int8": ("bf16", "int8
           "int4": ("bf16", "int4"), "int4-aten": ("bf16", "int4")}
 ENV = {"int4-aten": {"ZUOYOU_INT4_KERNEL": "0"}}  # int4 on ATen's kernel instead of zuoyou's VNNI kernel
 HF = {"hf-fp32": torch.float32, "hf-bf16": torch.bfloat16}
-COMPILE = {"": False, "compile": True, "autotune": "max-autotune"}  # mode suffixes -> zuoyou.load(compile=...)
+COMPILE = {"compile": True, "autotune": "max-autotune"}  # mode suffixes -> zuoyou.load(compile=...)
+KV = {"kv8": "int8"}  # mode suffix -> zuoyou.load(kv_cache=...)
 DEFAULT_MODES = "fp32,bf16,int8,int4,hf-fp32,hf-bf16"
 
 
@@ -165,9 +166,10 @@ def timed(call, owner, attr: str, limit: int | None) -> dict:
             "heads": len(stamps), "complete": complete, "wall_s": wall}
 
 
-def kv_bytes(lm_cfg, rows: int, slots: int, dtype: torch.dtype) -> int:
-    elem = torch.finfo(dtype).bits // 8
-    return 2 * lm_cfg.num_hidden_layers * rows * lm_cfg.num_key_value_heads * slots * lm_cfg.head_dim * elem
+def kv_bytes(lm_cfg, rows: int, slots: int, dtype: torch.dtype, int8: bool = False) -> int:
+    """Bytes of keys and values a step reads; ``int8``: zuoyou's int8 cache (one fp32 scale per head and slot)."""
+    per_head = lm_cfg.head_dim + 4 if int8 else lm_cfg.head_dim * torch.finfo(dtype).bits // 8
+    return 2 * lm_cfg.num_hidden_layers * rows * lm_cfg.num_key_value_heads * slots * per_head
 
 
 def kv_slots(prompt: int, steps: int) -> float:
@@ -207,13 +209,15 @@ def measure(a: dict, T: int, K: int, gen, image_head, decode, ask, text_head, st
 def run_zuoyou(mode: str, a: dict, work: Path) -> dict:
     import zuoyou.api
     from zuoyou.processor import Message
+    from zuoyou.kvcache import KV_CACHES
     from zuoyou.quantize import image_code_logits, text_logits, weight_bytes as wb
 
-    base, _, suffix = mode.partition("+")
-    compiled = COMPILE[suffix]
+    base, *suffixes = mode.split("+")
+    compiled = next((COMPILE[x] for x in suffixes if x in COMPILE), False)
+    kv = next((KV[x] for x in suffixes if x in KV), "model")
     dtype, quant = ZUOYOU[base]
     t = time.perf_counter()
-    pipe = zuoyou.api.load(work / "zuoyou", device="cpu", dtype=dtype, quantize=quant, compile=compiled)
+    pipe = zuoyou.api.load(work / "zuoyou", device="cpu", dtype=dtype, quantize=quant, compile=compiled, kv_cache=kv)
     out = {"load_s": time.perf_counter() - t, "rss_load_mb": hwm_mb(), "rss_reset": reset_hwm()}
     engine, m, cfg = pipe.engine, pipe.engine.model, pipe.config
     out["weight_mb"] = wb(m) / 2**20
@@ -229,15 +233,18 @@ def run_zuoyou(mode: str, a: dict, work: Path) -> dict:
         (m, "image_logits"), engine._decode,
         lambda: pipe.ask(img, QUESTION, max_new_tokens=a["new_tokens"], temperature=0), (m, "text_logits"),
         lambda n, k: layers + wb(m.gen_head) + wb(m.gen_aligner)
-        + kv_bytes(cfg.lm, 2 * n, len(gids) + T if engine._whole_cache else kv_slots(len(gids), k), engine.dtype),
-        layers + wb(lm.lm_head) + kv_bytes(cfg.lm, 1, kv_slots(len(ids), a["new_tokens"]), engine.dtype),
+        + kv_bytes(cfg.lm, 2 * n, len(gids) + T if engine._whole_cache else kv_slots(len(gids), k), engine.dtype,
+                   kv == "int8"),
+        layers + wb(lm.lm_head) + kv_bytes(cfg.lm, 1, kv_slots(len(ids), a["new_tokens"]), engine.dtype, kv == "int8"),
         after=lm.clear_cache))  # a run stopped after K steps leaves its cache behind
     if not compiled and a["quality_tokens"]:
         g = torch.Generator().manual_seed(1)
         codes = torch.randint(0, cfg.image_token_size, (min(T, a["quality_tokens"]),), generator=g)
         answer = torch.randint(10, cfg.lm.vocab_size, (a["new_tokens"],), generator=g)
         un = torch.tensor(proc.uncond_ids(gids.tolist()))
-        torch.save({"image": image_code_logits(m, gids, un, codes),
+        # the int8 cache is only read by the decode path: teacher-forced step by step through it
+        cache = KV_CACHES[kv]
+        torch.save({"image": image_code_logits(m, gids, un, codes, stepwise=cache is not None, cache=cache),
                     "text": text_logits(m, torch.tensor(ids), px, proc.image_id, answer)}, work / f"quality-{mode}.pt")
     return out
 
@@ -357,7 +364,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="janus-pro-1b", choices=["janus-pro-1b", "tiny"])
     p.add_argument("--steps", type=int, default=None, help="decode steps to time (default: all); fewer = extrapolated")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from {', '.join([*ZUOYOU, *HF])}; "
-                   "zuoyou modes take a '+compile' or '+autotune' (max-autotune, frozen weights) suffix "
+                   "zuoyou modes take '+compile' or '+autotune' (max-autotune, frozen weights) and '+kv8' (int8 "
+                   "KV cache) suffixes "
                    "(default: %(default)s)")
     p.add_argument("--skip-hf", action="store_true", help="drop the transformers modes")
     p.add_argument("--batches", default="1,4", help="images per text-to-image call (default 1,4)")
@@ -374,7 +382,8 @@ def main(argv=None) -> int:
         worker(args.worker, Path(args.workdir))
         return 0
     modes = [m for m in args.modes.split(",") if m and not (args.skip_hf and m in HF)]
-    bad = [m for m in modes if m not in HF and (m.partition("+")[0] not in ZUOYOU or m.partition("+")[2] not in COMPILE)]
+    bad = [m for m in modes if m not in HF and (m.split("+")[0] not in ZUOYOU
+                                                 or any(x not in COMPILE and x not in KV for x in m.split("+")[1:]))]
     if bad:
         p.error(f"unknown modes {bad}")
     if args.threads:
@@ -398,7 +407,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             print(f"{mode} ...", end=" ", flush=True)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--workdir", str(work)]
-            env = dict(os.environ, **ENV.get(mode.partition("+")[0], {}))
+            env = dict(os.environ, **ENV.get(mode.split("+")[0], {}))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             res = work / f"result-{mode}.json"
             if proc.returncode != 0 or not res.is_file():

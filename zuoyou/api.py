@@ -16,6 +16,7 @@ import torch
 
 from .engine import Engine, ImageRequest, TextRequest
 from .errors import CheckpointError, ConfigError, InputError
+from .fused import fuse
 from .loading import load_model, resolve_device, resolve_dtype, resolve_folder
 from .memory import release_freed_memory
 from .processor import Message, Processor
@@ -118,7 +119,7 @@ def to_messages(messages) -> list[Message]:
 
 
 def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=None, quantize: str | None = None,
-         compile: bool | str = False) -> Pipeline:
+         compile: bool | str = False, kv_cache: str = "model") -> Pipeline:
     """Load a checkpoint folder or hub id (None: the bundled ShapesWorld model) into a ``Pipeline``.
 
     ``quantize="int8"``: int8 weight-only LM linears, heads and image-code aligner (``zuoyou.quantize``),
@@ -129,6 +130,8 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
     else on ATen's kernels (``zuoyou.quantize.Int8Linear`` / ``Int4Linear``).
     ``compile=True``: ``torch.compile`` the one-token decode step (first call of each batch shape compiles);
     ``compile="max-autotune"``: autotuned, with frozen weights (see ``zuoyou.engine.Engine``).
+    ``kv_cache="int8"``: keys and values stored as int8 (``zuoyou.kvcache``): about half the cache's memory
+    and reads, which grow with the number of images drawn at once; "model" keeps them in the compute dtype.
     """
     from .quantize import check_mode
 
@@ -147,11 +150,15 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
         # MiB, the VQ decode ~35 % faster). Here, not in the Engine: a model in training keeps its layout.
         model.gen_vision_model.to(memory_format=torch.channels_last)
         release_freed_memory()  # the weights' old copies
+    if dev.type == "cpu" and quantize:
+        # RMSNorm and RoPE in one kernel call each in eager inference (zuoyou/fused.py); with the quantised
+        # modes only, whose kernels are built anyway (a plain model never waits for a C++ build)
+        fuse(model)
     defaults = GenerationDefaults.from_folder(folder)
     processor = Processor.from_folder(folder, config.vision.num_patches, config.vision.image_size,
                                       defaults.system_prompt)
     n_tok = processor.tokenizer.get_vocab_size(with_added_tokens=True)
     if n_tok > config.lm.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {n_tok} tokens but the model embeds only {config.lm.vocab_size}")
-    return Pipeline(Engine(model, processor, dev, dtype_used, compile=compile), defaults, folder)
+    return Pipeline(Engine(model, processor, dev, dtype_used, compile=compile, kv_cache=kv_cache), defaults, folder)
 

@@ -26,13 +26,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="int8: weight-only int8 LM linears and heads: half the weight memory, faster decoding "
                         "of one image or one answer on CPU; int4 (CPU only): group-wise int4 decoder layers, "
                         "int8 heads, a quarter of the memory, lossier (default: none)")
+    p.add_argument("--kv-cache", default="model", choices=["model", "int8"],
+                   help="int8: keys and values stored as int8, about half the KV cache's memory and reads "
+                        "(worth it when drawing several images at once); model: the compute dtype (default)")
 
 
 def _load(args):
     from .api import load
 
     log(f"loading {args.model or 'the bundled ShapesWorld model'} ...")
-    return load(args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None))
+    return load(args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None),
+                kv_cache=getattr(args, "kv_cache", "model"))
 
 
 def cmd_generate(args) -> None:
@@ -130,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero "
                                         "(tokenizer, VQ, encoder pre-training, three stages)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
-    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5"], default="v4",
+    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5", "v6"], default="v4",
                     help="v4: the bundled model's recipe (default; v3 with a wide image-code embedding); v3: v1's VQ, "
                          "a pre-trained understanding encoder, more generation data; v1: the first bundled model; "
                          "v2: deterministic VQ codes, multi-question dialogues; v5: v4 + 70 min more SFT (no better held "

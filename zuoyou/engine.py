@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import ConfigError, InputError
+from .kvcache import KV_CACHES
 from .memory import release_freed_memory
 from .models.janus import Janus
 from .processor import Message, Processor, TextStream, to_pil
@@ -62,8 +63,12 @@ DECODE_PIXELS = 384 * 384  # per VQ-decoder call (see ``Engine.decode_chunk``)
 
 class Engine:
     def __init__(self, model: Janus, processor: Processor, device: torch.device, dtype: torch.dtype,
-                 context: int | None = None, compile: bool | str = False):
+                 context: int | None = None, compile: bool | str = False, kv_cache: str = "model"):
         self.model, self.processor, self.device, self.dtype = model, processor, device, dtype
+        # how the KV cache stores keys and values: "model" in the compute dtype, "int8" ``zuoyou.kvcache``
+        if kv_cache not in KV_CACHES:
+            raise ConfigError(f"kv_cache={kv_cache!r}: use one of {', '.join(KV_CACHES)}")
+        self._cache = KV_CACHES[kv_cache]
         self.config = model.config
         self.context = context or self.config.lm.max_position_embeddings
         # the one-token decode step; ``compile=True`` hands it to torch.compile (the first request of a
@@ -105,7 +110,7 @@ class Engine:
 
     def _prefill(self, x: torch.Tensor, batch: _Batch, S: int, mask: torch.Tensor) -> torch.Tensor:
         lm = self.model.language_model
-        lm.setup_cache(x.shape[0], S, dtype=self.dtype, device=self.device)
+        lm.setup_cache(x.shape[0], S, dtype=self.dtype, device=self.device, cache=self._cache)
         L = x.shape[1]
         input_pos = torch.arange(L, device=self.device)
         return self.model.hidden(x, input_pos, mask[:, :, :L, :L], batch.positions)  # (B, L, D)
@@ -116,11 +121,11 @@ class Engine:
 
     def _expand_cache(self, index: torch.Tensor) -> None:
         """Replace every layer's cache rows by ``rows[index]`` (prefill once, decode n times)."""
-        rows = self.model.language_model.caches()[0].k.shape[0]
+        rows = self.model.language_model.caches()[0].rows
         if index.numel() == rows and torch.equal(index.cpu(), torch.arange(rows)):
             return  # one image per request: the rows are already in place (a copy would double the cache)
         for cache in self.model.language_model.caches():
-            cache.k, cache.v = cache.k.index_select(0, index), cache.v.index_select(0, index)
+            cache.select_rows(index)
 
     # ----------------------------------------------------------------------------------- text -> image
     @torch.inference_mode()

@@ -361,13 +361,14 @@ def weight_bytes(module: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------------ quality guard
 @torch.inference_mode()
 def image_code_logits(model, prompt_ids: torch.Tensor, uncond_ids: torch.Tensor, codes: torch.Tensor,
-                      cfg: float = 5.0, stepwise: bool = False) -> torch.Tensor:
+                      cfg: float = 5.0, stepwise: bool = False, cache=None) -> torch.Tensor:
     """Teacher-forced next-code logits after CFG: (T,) codes -> (T, K) float32.
 
     Row ``t`` is the distribution the sampler draws code ``t`` from, given the prompt and ``codes[:t]``.
     One full forward (many rows: quantised layers take their dense-weight path), or ``stepwise``:
     the decode path, a KV cache and one code per step for the two CFG rows, as the engine runs it
-    (quantised layers take their decode kernels, int8 activations included).
+    (quantised layers take their decode kernels, int8 activations included), in a cache of class ``cache``
+    (default: the model's own; e.g. ``zuoyou.kvcache.Int8KVCache``).
     """
     dtype = model.language_model.model.embed_tokens.weight.dtype
     rows = torch.stack([prompt_ids, uncond_ids])  # (2, L)
@@ -376,7 +377,7 @@ def image_code_logits(model, prompt_ids: torch.Tensor, uncond_ids: torch.Tensor,
         logits = model.image_logits(model.hidden(x)[:, rows.shape[1] - 1:]).float()  # (2, T, K)
         return guide(logits, cfg)[0]
     lm, (L, T) = model.language_model, (rows.shape[1], len(codes))
-    lm.setup_cache(2, L + T, dtype=dtype)
+    lm.setup_cache(2, L + T, dtype=dtype, cache=cache)
     try:
         h = model.hidden(model.embed_text(rows).to(dtype), torch.arange(L))[:, -1]  # causal prefill, (2, D)
         out = []

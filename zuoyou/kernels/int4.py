@@ -1,4 +1,6 @@
-"""The int4 / int8 x int8 decode kernels (``int4_vnni.cpp``): availability, build, weight layouts.
+"""The int4 / int8 x int8 decode kernels (``int4_vnni.cpp``): availability, build, weight layouts; and, in
+the same extension, one-token attention over an int8 KV cache (``kv8_attention.cpp``, ``zuoyou.kvcache``) and
+RMSNorm / RoPE in one call each (``fused_ops.cpp``, ``zuoyou.fused``).
 
 AVX-512 VNNI for 1-4 rows; from 5 rows on, AMX-INT8 tiles where the CPU has them and Linux grants
 them (``amx_available()``; ``ZUOYOU_AMX=0`` keeps VNNI), with bit-identical results.
@@ -49,14 +51,15 @@ def build_dir() -> Path:
 def _module():
     from torch.utils import cpp_extension
 
-    src = Path(__file__).with_name("int4_vnni.cpp")
+    here = Path(__file__).parent
+    src = [str(here / name) for name in ("int4_vnni.cpp", "kv8_attention.cpp", "fused_ops.cpp")]
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
     if not any(out.glob("*.so")):
         print("zuoyou: compiling the int4/int8 kernels (first use only, about a minute) ...", file=sys.stderr, flush=True)
     # -fopenmp: at::parallel_for is a header template; without OpenMP it runs on one thread
     flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
-    return cpp_extension.load("zuoyou_int4_vnni", [str(src)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    return cpp_extension.load("zuoyou_int4_vnni", src, extra_cflags=flags, extra_ldflags=["-fopenmp"],
                               build_directory=str(out), verbose=False)
 
 
@@ -161,3 +164,18 @@ def _mm8_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch
 @_mm8_op.register_fake
 def _(x, packed, scale):
     return x.new_empty((x.shape[0], packed.shape[0] * BLOCK))
+
+
+# ------------------------------------------------------------------------------------------ int8 KV cache
+def kv8_attend(q, k, v, k8, ks, v8, vs, slot: int, mask, n_read: int) -> torch.Tensor:
+    """One-token attention over an int8 cache (``zuoyou.kvcache``), after writing k, v into ``slot``."""
+    return _module().kv8_attend(q, k, v, k8, ks, v8, vs, slot, mask, n_read)
+
+
+# ------------------------------------------------------------------------------------ fused element-wise ops
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _module().rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _module().rope(x, cos, sin)

@@ -51,6 +51,9 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
+    """Keys and values of every slot in the model's dtype. A cache also does the attention of the
+    tokens it stores (``attend``), so that another storage (``zuoyou.kvcache``) comes from outside."""
+
     def __init__(self, batch: int, seq: int, n_kv: int, hs: int, dtype, device):
         super().__init__()
         shape = (batch, n_kv, seq, hs)
@@ -63,6 +66,30 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
+    def attend(self, q, k, v, input_pos, mask=None):
+        """Store k, v at ``input_pos``; attention of q over the stored slots -> (B, nh, T, hs)."""
+        k, v = self.update(input_pos, k, v)  # (B, nkv, S, hs)
+        if mask is not None and mask.shape[-1] < k.shape[2]:
+            # the mask covers only the first slots (the ones written so far): attend over those
+            # and skip reading the rest of the cache
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]  # (B, nkv, S', hs)
+        return sdpa(q, k, v, mask)
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[0]
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+def sdpa(q, k, v, mask=None):
+    # q (B, nh, T, hs), k / v (B, nkv, S, hs); no mask = causal (T > 1) or all keys (T == 1)
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
 
 class Attention(nn.Module):
     def __init__(self, c: LMConfig):
@@ -73,24 +100,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.hs, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hs, c.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
+        self.rope = apply_rope  # (a fused kernel may be swapped in from outside: ``zuoyou.fused``)
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hs)
-            if mask is not None and mask.shape[-1] < k.shape[2]:
-                # the mask covers only the first slots (the ones written so far): attend over those
-                # and skip reading the rest of the cache
-                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]  # (B, nkv, S', hs)
-        gqa = self.nh != self.nkv
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            y = self.kv_cache.attend(q, k, v, input_pos, mask)  # (B, nh, T, hs)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = sdpa(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, C)
         return self.o_proj(y)
 
@@ -155,17 +176,18 @@ class LlamaForCausalLM(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def setup_cache(self, batch: int, seq: int, dtype=None, device=None):
-        """Preallocate a static KV cache of ``seq`` slots for ``batch`` rows in every layer."""
+    def setup_cache(self, batch: int, seq: int, dtype=None, device=None, cache=None):
+        """Preallocate a static KV cache of ``seq`` slots for ``batch`` rows in every layer.
+        ``cache``: the cache class (``KVCache``, keys and values in ``dtype``; or ``zuoyou.kvcache``'s)."""
         w = self.model.embed_tokens.weight
         dtype, device = dtype or w.dtype, device or w.device
         c = self.config
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, seq, c.num_key_value_heads, c.head_dim, dtype, device)
+            layer.self_attn.kv_cache = (cache or KVCache)(batch, seq, c.num_key_value_heads, c.head_dim, dtype, device)
 
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    def caches(self) -> list[KVCache]:
+    def caches(self) -> list:
         return [layer.self_attn.kv_cache for layer in self.model.layers]

@@ -17,9 +17,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve", help="serve the model over an OpenAI-compatible HTTP API with a web page",
         description="OpenAI-compatible server: POST /v1/chat/completions, POST /v1/images/generations "
                     "(\"stream\": true for live previews), GET /v1/models, GET /health, and a web page at /.")
-    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    from ..cli import _model_args
+
+    _model_args(p)  # --model, --device, --dtype, --quantize, --kv-cache, as the other commands
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1-2 is often faster on a busy machine)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -52,7 +52,8 @@ def build_app(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    pipe = load(args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None),
+                kv_cache=getattr(args, "kv_cache", "model"))
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                     max_n=args.max_n, max_tokens=args.max_tokens, request_timeout=args.timeout,
                     allow_remote_images=args.allow_remote_images)

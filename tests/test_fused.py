@@ -1,0 +1,65 @@
+"""RMSNorm and RoPE kernels (zuoyou.fused) against the model's own code, and a fused model against the plain one."""
+
+import pytest
+import torch
+
+from zuoyou.config import LMConfig
+from zuoyou.fused import FusedRMSNorm, fuse, rope
+from zuoyou.kernels import int4 as kernels
+from zuoyou.models.llama import LlamaForCausalLM, RMSNorm, apply_rope, rope_cos_sin
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="zuoyou's CPU kernels are not available here")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel(dtype):
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(2048, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(2048, generator=g))
+    norm = norm.to(dtype)
+    fused = FusedRMSNorm(2048, 1e-6).to(dtype)
+    fused.weight = norm.weight
+    x = (torch.randn(3, 5, 2048, generator=g) * 4).to(dtype)
+    with torch.no_grad():
+        want, got = norm(x), fused(x)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # bf16: the same roundings; a sum in another order may move a value by one bf16 step, rarely
+        diff = (got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-3)
+        assert (got == want).float().mean() > 0.99 and diff.max() <= 2 ** -7
+    # with gradients, the module's own code runs (the kernel has no backward)
+    x.requires_grad_(True)
+    assert fused(x).grad_fn is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 7])
+def test_rope_kernel_is_exact(dtype, T):
+    g = torch.Generator().manual_seed(1)
+    B, H, hs = 2, 4, 64
+    cos, sin = rope_cos_sin(torch.arange(T).expand(B, T) + 5, hs, 10000.0)
+    cos, sin = cos[:, None].to(dtype), sin[:, None].to(dtype)  # (B, 1, T, hs)
+    x = torch.randn(B, T, H, hs, generator=g).to(dtype).transpose(1, 2)  # (B, H, T, hs), as the model's q
+    with torch.no_grad():
+        assert torch.equal(rope(x, cos, sin), apply_rope(x, cos, sin))
+
+
+def test_fused_model_decodes_like_the_plain_one():
+    cfg = LMConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64)  # head size 32: both kernels fit
+    torch.manual_seed(0)
+    lm_p, lm_f = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg).eval()
+    lm_f.load_state_dict(lm_p.state_dict())
+    assert fuse(lm_f) == 2 * 2 + 1 + 2  # two norms per layer, the final norm, RoPE per layer
+    x = torch.randn(2, 6, cfg.hidden_size)
+    with torch.inference_mode():
+        for lm in (lm_p, lm_f):
+            lm.setup_cache(2, 8)
+        a = lm_p.model(x, torch.arange(6))
+        b = lm_f.model(x, torch.arange(6))
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        step = torch.randn(2, 1, x.shape[-1])
+        mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        torch.testing.assert_close(lm_f.model(step, torch.tensor([6]), mask), lm_p.model(step, torch.tensor([6]), mask),
+                                   rtol=1e-5, atol=1e-5)

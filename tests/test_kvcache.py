@@ -1,0 +1,109 @@
+"""The int8 KV cache: its kernel against PyTorch's attention over the same (dequantised) cache, the
+fallback path, and the whole decode path of the bundled model against the model's own cache."""
+
+import pytest
+import torch
+
+import zuoyou
+from zuoyou import kvcache
+from zuoyou.kernels import int4 as kernels
+from zuoyou.errors import ConfigError
+from zuoyou.kvcache import Int8KVCache, quantise
+from zuoyou.models.llama import KVCache, sdpa
+from zuoyou.quantize import compare_logits, image_code_logits
+
+
+def test_quantise_round_trip():
+    x = torch.randn(3, 5, 64) * torch.rand(3, 5, 1) * 10
+    x[0, 0] = 0  # an all-zero head: scale 0, values 0 (no NaN)
+    x8, scale = quantise(x)
+    assert x8.dtype == torch.int8 and x8.abs().max() <= 127 and scale[0, 0] == 0
+    err = (x8 * scale[..., None] - x).abs()
+    assert (err <= scale[..., None] / 2 + 1e-6).all()  # rounding to the nearest step
+
+
+def _mask(B, S, pad_first=3):
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, :pad_first] = False  # a left-padded row
+    mask = torch.ones(S, S, dtype=torch.bool).tril()[None] & valid[:, None, :]
+    return (mask | torch.eye(S, dtype=torch.bool)[None])[:, None]  # (B, 1, S, S)
+
+
+def _run(cache, plain, dtype, B, nh, nkv, hs, L, steps, seed=0):
+    """Prefill L slots, then ``steps`` one-token steps; returns per step (int8 output, reference over the
+    dequantised int8 cache, output of the plain cache)."""
+    g = torch.Generator().manual_seed(seed)
+    S = L + steps
+    mask = _mask(B, S)
+    q, k, v = (torch.randn(B, n, L, hs, generator=g).to(dtype) for n in (nh, nkv, nkv))
+    pos = torch.arange(L)
+    first = (cache.attend(q, k, v, pos, mask[:, :, :L, :L]), plain.attend(q, k, v, pos, mask[:, :, :L, :L]))
+    out = []
+    for slot in range(L, S):
+        q, k, v = (torch.randn(B, n, 1, hs, generator=g).to(dtype) for n in (nh, nkv, nkv))
+        m = mask[:, :, slot:slot + 1, :slot + 1]
+        y = cache.attend(q, k, v, torch.tensor([slot]), m)
+        keys = (cache.k8[:, :, :slot + 1] * cache.ks[:, :, :slot + 1, None]).to(dtype)
+        values = (cache.v8[:, :, :slot + 1] * cache.vs[:, :, :slot + 1, None]).to(dtype)
+        out.append((y, sdpa(q, keys, values, m), plain.attend(q, k, v, torch.tensor([slot]), m)))
+    return first, out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 64), (3, 8, 2, 128)])  # B, heads, kv heads (GQA), head size
+def test_decode_attention_over_the_int8_cache(dtype, shape):
+    B, nh, nkv, hs = shape
+    L, steps = 9, 24
+    cache, plain = Int8KVCache(B, L + steps, nkv, hs, dtype, "cpu"), KVCache(B, L + steps, nkv, hs, dtype, "cpu")
+    (y8, yp), out = _run(cache, plain, dtype, B, nh, nkv, hs, L, steps)
+    assert (y8.float() - yp.float()).abs().max() < 0.05  # prefill: int8 keys and values vs exact ones
+    rounding = 1e-5 if dtype == torch.float32 else 2e-2
+    for y, ref, exact in out:
+        assert y.shape == (B, nh, 1, hs) and y.dtype == dtype
+        assert (y.float() - ref.float()).abs().max() < rounding  # the same cache, read by the kernel or by SDPA
+        assert (y.float() - exact.float()).abs().max() < 0.05  # int8 storage vs the plain cache
+
+
+def test_kernel_and_fallback_agree(monkeypatch):
+    if not kernels.available():
+        pytest.skip("no AVX-512 VNNI kernel here")
+    shape = (2, 4, 4, 64)
+    runs = []
+    for fits in (True, False):
+        monkeypatch.setattr(kvcache, "_kernel_fits", lambda q, k8, fits=fits: fits)
+        cache = Int8KVCache(2, 20, 4, 64, torch.float32, "cpu")
+        runs.append(_run(cache, KVCache(2, 20, 4, 64, torch.float32, "cpu"), torch.float32, *shape, 8, 12)[1])
+    for (a, _, _), (b, _, _) in zip(*runs):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_select_rows_repeats_the_prefilled_rows():
+    cache = Int8KVCache(2, 6, 2, 16, torch.float32, "cpu")
+    cache.attend(*(torch.randn(2, 2, 3, 16) for _ in range(3)), torch.arange(3))
+    before = [getattr(cache, n).clone() for n in ("k8", "v8", "ks", "vs")]
+    cache.select_rows(torch.tensor([0, 1, 0, 1]))
+    assert cache.rows == 4
+    for name, old in zip(("k8", "v8", "ks", "vs"), before):
+        assert torch.equal(getattr(cache, name), old[[0, 1, 0, 1]])
+
+
+def test_bundled_model_decodes_alike_with_the_int8_cache():
+    """Teacher-forced CFG logits of 64 image codes along the decode path: int8 cache vs the model's."""
+    pipe = zuoyou.load(device="cpu")
+    m, proc = pipe.engine.model, pipe.engine.processor
+    ids = torch.tensor(proc.generation_ids("a photo of a red circle left of a blue square"))
+    un = torch.tensor(proc.uncond_ids(ids.tolist()))
+    codes = torch.randint(0, m.config.image_token_size, (64,), generator=torch.Generator().manual_seed(0))
+    ref = image_code_logits(m, ids, un, codes, cfg=3.0, stepwise=True)
+    test = image_code_logits(m, ids, un, codes, cfg=3.0, stepwise=True, cache=Int8KVCache)
+    q = compare_logits(ref, test)
+    assert q["kl_mean"] < 0.01 and q["greedy_agreement"] >= 0.95, q
+
+
+def test_engine_draws_with_the_int8_cache():
+    pipe = zuoyou.load(device="cpu", kv_cache="int8")
+    images = pipe.generate("a photo of two circles", n=2, seed=0)
+    assert len(images) == 2 and images[0].size == (64, 64)
+    assert pipe.ask(images[0], "How many objects are there?")  # the understanding decode path too
+    with pytest.raises(ConfigError, match="kv_cache"):
+        zuoyou.load(device="cpu", kv_cache="int2")
