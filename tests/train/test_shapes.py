@@ -123,3 +123,11 @@ def test_recipe_v5_adds_a_warm_restart_stage(data, monkeypatch):
         st.options["prompt_share"] = share
         data.examples("gen", 40, random.Random(0), st)
         assert len(captions) == want if want is not None else 4 <= len(captions) <= 22
+
+
+def test_recipe_v6_is_v4_with_a_longer_encoder_pretraining():
+    import dataclasses
+
+    assert RECIPES["v6"] == dataclasses.replace(RECIPES["v4"], encoder_minutes=24.0)
+    # the encoder stays frozen in stage 1 while the random aligner learns to read it, as in v4
+    assert [s.frozen for s in stages(80, recipe=RECIPES["v6"])] == [s.frozen for s in stages(80, recipe=RECIPES["v4"])]
