@@ -70,7 +70,7 @@ def test_kernel_and_fallback_agree(monkeypatch):
     shape = (2, 4, 4, 64)
     runs = []
     for fits in (True, False):
-        monkeypatch.setattr(kvcache, "_kernel_fits", lambda q, k8, fits=fits: fits)
+        monkeypatch.setattr(kvcache, "_kernel_fits", lambda q, fits=fits: fits)
         cache = Int8KVCache(2, 20, 4, 64, torch.float32, "cpu")
         runs.append(_run(cache, KVCache(2, 20, 4, 64, torch.float32, "cpu"), torch.float32, *shape, 8, 12)[1])
     for (a, _, _), (b, _, _) in zip(*runs):

@@ -28,8 +28,7 @@ def quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Int8KVCache(nn.Module):
     def __init__(self, batch: int, seq: int, n_kv: int, hs: int, dtype, device):
-        super().__init__()
-        self.dtype = dtype  # of the attention's inputs and outputs
+        super().__init__()  # (``dtype``, the compute dtype, is not the storage's: kept for the common signature)
         for name in ("k8", "v8"):
             self.register_buffer(name, torch.zeros(batch, n_kv, seq, hs, dtype=torch.int8, device=device),
                                  persistent=False)
@@ -49,7 +48,7 @@ class Int8KVCache(nn.Module):
         """Store k, v (B, nkv, T, hs) at ``input_pos`` (T,); attention of q (B, nh, T, hs) over the stored
         slots (those ``mask`` (B, 1, T, S') covers, or all) -> (B, nh, T, hs)."""
         n = self.k8.shape[2] if mask is None else mask.shape[-1]
-        if q.shape[2] == 1 and _kernel_fits(q, self.k8) and not torch.compiler.is_compiling():
+        if q.shape[2] == 1 and _kernel_fits(q) and not torch.compiler.is_compiling():
             from .kernels import int4 as kernels
 
             slot = int(input_pos[0])  # a CPU tensor: no device sync
@@ -63,7 +62,7 @@ class Int8KVCache(nn.Module):
         return sdpa(q, keys, values, mask)
 
 
-def _kernel_fits(q: torch.Tensor, k8: torch.Tensor) -> bool:
+def _kernel_fits(q: torch.Tensor) -> bool:
     from .kernels import int4 as kernels
 
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0
