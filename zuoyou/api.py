@@ -127,7 +127,8 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
     Both are applied layer by layer while loading (the float checkpoint is never all in memory); decode
     steps run on zuoyou's AVX-512 VNNI kernels (AMX tiles for 5-8 rows where the CPU has them; built on
     first use) where the CPU, a C++ compiler and bf16 compute allow,
-    else on ATen's kernels (``zuoyou.quantize.Int8Linear`` / ``Int4Linear``).
+    else on ATen's kernels (``zuoyou.quantize.Int8Linear`` / ``Int4Linear``); on CPU these modes also run RMSNorm
+    and RoPE as one kernel call each in eager inference (``zuoyou.fused``).
     ``compile=True``: ``torch.compile`` the one-token decode step (first call of each batch shape compiles);
     ``compile="max-autotune"``: autotuned, with frozen weights (see ``zuoyou.engine.Engine``).
     ``kv_cache="int8"``: keys and values stored as int8 (``zuoyou.kvcache``): about half the cache's memory

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .kernels import int4 as kernels
 from .models.llama import sdpa
 
 
@@ -49,8 +50,6 @@ class Int8KVCache(nn.Module):
         slots (those ``mask`` (B, 1, T, S') covers, or all) -> (B, nh, T, hs)."""
         n = self.k8.shape[2] if mask is None else mask.shape[-1]
         if q.shape[2] == 1 and _kernel_fits(q) and not torch.compiler.is_compiling():
-            from .kernels import int4 as kernels
-
             slot = int(input_pos[0])  # a CPU tensor: no device sync
             return kernels.kv8_attend(q, k, v, self.k8, self.ks, self.v8, self.vs, slot, mask, n)
         for x, (x8, xs) in ((k, ("k8", "ks")), (v, ("v8", "vs"))):
@@ -63,8 +62,6 @@ class Int8KVCache(nn.Module):
 
 
 def _kernel_fits(q: torch.Tensor) -> bool:
-    from .kernels import int4 as kernels
-
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0
             and q.shape[-1] <= 256 and kernels.available())
 
