@@ -131,3 +131,14 @@ def test_recipe_v6_is_v4_with_a_longer_encoder_pretraining():
     assert RECIPES["v6"] == dataclasses.replace(RECIPES["v4"], encoder_minutes=24.0)
     # the encoder stays frozen in stage 1 while the random aligner learns to read it, as in v4
     assert [s.frozen for s in stages(80, recipe=RECIPES["v6"])] == [s.frozen for s in stages(80, recipe=RECIPES["v4"])]
+
+
+def test_recipe_v7_is_v6_on_the_deterministic_v2_vq_with_absolute_encoder_labels():
+    import dataclasses
+
+    v2 = RECIPES["v2"]
+    want = dataclasses.replace(RECIPES["v6"], vq=v2.vq, fold_codes=v2.fold_codes, vq_minutes=v2.vq_minutes,
+                               encoder_absolute=True)
+    assert RECIPES["v7"] == want
+    # the wide input drawn from N(0, 1), not v2's codebook copy (8-d, which a 256-wide gen_embed cannot take)
+    assert not RECIPES["v7"].embed_from_codebook and RECIPES["v7"].gen_embed_dim == 256

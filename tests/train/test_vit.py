@@ -48,3 +48,35 @@ def test_pretraining_lowers_the_centre_loss():
     # a step budget (the minutes only bound a very slow machine: a busy one made 31 steps in 10 minutes)
     later = pretrain_encoder(tower, minutes=60, batch_size=16, max_steps=60, lr=2e-3, log=lambda *a: None)
     assert later["steps"] == 60 and later["held_out"]["centre"] < 0.5 * first["held_out"]["centre"]
+
+
+def test_absolute_centres_are_the_objects_centres_and_relations_match_the_world():
+    from zuoyou.shapes.world import relations
+    from zuoyou.train.vit import absolute_centres, batch, relation_agreement
+
+    rng = random.Random(3)
+    scenes = [sample_scene(rng) for _ in range(50)]
+    targets = [patch_targets(s) for s in scenes]
+    centre = torch.from_numpy(np.stack([t[0] for t in targets]))
+    true = absolute_centres(torch.from_numpy(np.stack([t[1] for t in targets])))  # (50, 64, 2) patch units
+    for s, c, t in zip(scenes, centre, true):
+        got = sorted(map(tuple, (t[c > 0] * 8).tolist()))
+        assert got == sorted((o.cx, o.cy) for o in s)
+    assert relation_agreement(true, true, centre > 0) == 1.0
+    # moving every centre changes relations the way world.relations says
+    a, b = Obj("square", "green", "large", 17, 4, 30), Obj("circle", "cyan", "large", 18, 40, 30)
+    pair = torch.tensor([[[a.cx / 8, a.cy / 8], [b.cx / 8, b.cy / 8]]])
+    flipped = pair.flip(1)
+    assert relations(a, b) == {"left of"}
+    assert relation_agreement(flipped, pair, torch.ones(1, 2, dtype=torch.bool)) == 0.0
+    assert relation_agreement(pair, pair, torch.ones(1, 2, dtype=torch.bool)) == 1.0
+
+
+def test_pretraining_reports_the_absolute_centres_and_relations_held_out():
+    torch.manual_seed(0)
+    tower = CLIPVisionTower(get_config("shapes").vision)
+    out = pretrain_encoder(tower, minutes=10, batch_size=8, max_steps=2, log=lambda *a: None)
+    assert {"absolute", "relation_acc"} <= set(out["held_out"]) and "absolute" in out["train"]
+    tower = CLIPVisionTower(get_config("shapes").vision)
+    old = pretrain_encoder(tower, minutes=10, batch_size=8, max_steps=2, log=lambda *a: None, absolute=False)
+    assert "absolute" not in old["held_out"]  # recipes v3-v6 were built without it

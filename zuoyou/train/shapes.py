@@ -78,6 +78,8 @@ class Recipe:
     # (v5) a fourth stage after stage 3: a warm restart of SFT, (minutes, peak lr, GenEval-style prompt
     # share of its generation examples); its minutes come on top of ``minutes``
     stage3b: tuple[float, float, float] | None = None
+    # (v7) the encoder's pre-training also reads each object's place on the canvas (``zuoyou.train.vit``)
+    encoder_absolute: bool = False
 
 
 RECIPES = {
@@ -94,6 +96,11 @@ RECIPES = {
     # v4 with the understanding encoder pre-trained 3x longer (24 min): it still learned at 8 min (74 % of
     # held-out objects exact) and the bundled model's answers fail on shapes (what shape is the red object: 27 %)
     "v6": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256, 1.0),
+    # v6 on v2's deterministic VQ (one code per patch content, 98.6 % exact): v2's LM fed those codes in
+    # through an 8-d embedding at a tiny scale; v4's wide input was never tried with them in a full run.
+    # And the encoder learns where each object is on the canvas: v6 answered relations at chance
+    "v7": Recipe({"consistency": 1.0, "min_code_dist": 0.05, "per_content_pool": True}, True, (0.08, 0.42, 0.50),
+                 ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 25.0, 24.0, True, 256, 1.0, encoder_absolute=True),
 }
 
 
@@ -254,7 +261,7 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
     model = build_shapes_model(out, vq, max(vocab, 64), seed, rec.embed_from_codebook, rec.gen_embed_dim,
                                rec.gen_embed_std)
     if rec.encoder_minutes:
-        _pretrained_encoder(model, vq, out, rec.encoder_minutes, seed, report, resume, log)
+        _pretrained_encoder(model, vq, out, rec.encoder_minutes, seed, report, resume, log, rec.encoder_absolute)
     processor.num_image_tokens = cfg.vision.num_patches
     data = ShapesData(processor, vq, questions=rec.questions)
 
@@ -283,7 +290,7 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
 
 
 def _pretrained_encoder(model: Janus, vq: VQModel, out: Path, minutes: float, seed: int, report: dict, resume: bool,
-                        log) -> None:
+                        log, absolute: bool = False) -> None:
     """Pre-train ``model.vision_model`` (or load it from ``out/encoder`` when done before)."""
     from .vit import pretrain_encoder
 
@@ -294,7 +301,7 @@ def _pretrained_encoder(model: Janus, vq: VQModel, out: Path, minutes: float, se
 
     # a share of VQ reconstructions, as the LM stages use
     report["encoder"] = pretrain_encoder(tower, minutes, seed=seed, reconstruct=lambda x: as_drawn(vq, x),
-                                         recon_share=RECON_SHARE, log=log)
+                                         recon_share=RECON_SHARE, log=log, absolute=absolute)
     log(f"encoder pre-training: {report['encoder']}")
     save_checkpoint(out / "encoder", tower)
     report["encoder_done"] = True

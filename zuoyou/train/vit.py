@@ -11,7 +11,12 @@ so we use the world's exact labels instead, densely, as a detector backbone is p
 - ``offset``: where in the patch that centre lies (x, y in [0, 1)); the relations need the
   centre to a pixel, not to a patch;
 - ``cover``: the (shape, colour, size) class of the object covering most of the patch's pixels, or
-  background; every patch of an object gets its attributes, a far denser signal than its centre.
+  background; every patch of an object gets its attributes, a far denser signal than its centre;
+- (v7) ``absolute``: where on the canvas that centre lies, in patch units (x, y in [0, 8)), from a
+  linear read of the same token. The offset alone leaves the patch's own place to the LM, which
+  sees only a 1-D token order: the v6 model answered relations at chance (0.55 on yes/no) and
+  orders descriptions (by centre x) poorly. Read linearly off each centre's token, the absolute
+  place turns "is A left of B" into comparing two numbers.
 
 The head is thrown away afterwards; the LM stages then train the encoder further with the rest.
 """
@@ -27,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.siglip import CLIPVisionTower
-from ..shapes.world import COLORS, SHAPES, SIZES, sample_scene, shape_mask
+from ..shapes.world import COLORS, RELATION_MIN, SHAPES, SIZES, sample_scene, shape_mask
 from .loop import Stage
 from .vq import scenes_to_tensor
 
@@ -59,13 +64,50 @@ def patch_targets(scene, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 class PatchHead(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, absolute: bool = False):
         super().__init__()
         self.out = nn.Linear(width, 2 * NUM_CENTRE + 2)
+        # created after ``out`` so that ``out`` draws the same numbers with or without it
+        self.absolute = nn.Linear(width, 2) if absolute else None
+        if absolute:  # start at the canvas centre: the first steps need not spend themselves learning the mean
+            nn.init.constant_(self.absolute.bias, 4.0)
 
-    def forward(self, h):  # (B, N, width) -> centre logits, offsets, cover logits
+    def forward(self, h):  # (B, N, width) -> centre logits, offsets, cover logits, absolute centres or None
         y = self.out(h)
-        return y[..., :NUM_CENTRE], y[..., NUM_CENTRE:NUM_CENTRE + 2].sigmoid(), y[..., NUM_CENTRE + 2:]
+        where = self.absolute(h) if self.absolute is not None else None  # (B, N, 2), patch units
+        return y[..., :NUM_CENTRE], y[..., NUM_CENTRE:NUM_CENTRE + 2].sigmoid(), y[..., NUM_CENTRE + 2:], where
+
+
+def absolute_centres(offset: torch.Tensor) -> torch.Tensor:
+    """(B, 64, 2) in-patch offsets -> centres on the canvas in patch units (x = column + offset x)."""
+    g = int(offset.shape[1] ** 0.5)
+    idx = torch.arange(g * g)
+    grid = torch.stack([idx % g, idx // g], -1).to(offset.dtype)  # (64, 2): column, row
+    return grid + offset
+
+
+def relation_agreement(pred: torch.Tensor, true: torch.Tensor, has: torch.Tensor) -> float:
+    """Over ordered pairs of objects in each image: does the spec's relation (left of / right of /
+    above / below / none) from the predicted centres equal the one from the true centres?"""
+    def rel(a, b):  # (P, 2) centres in pixels -> relation index 0..4 (4 = none), as ``world.relations``
+        dx, dy = (b - a).unbind(-1)
+        horiz = dx.abs() > dy.abs()
+        vert = dy.abs() > dx.abs()
+        out = torch.full(dx.shape, 4)
+        out[horiz & (dx >= RELATION_MIN)] = 0
+        out[horiz & (-dx >= RELATION_MIN)] = 1
+        out[vert & (dy >= RELATION_MIN)] = 2
+        out[vert & (-dy >= RELATION_MIN)] = 3
+        return out
+
+    right = total = 0
+    for p, t, m in zip(pred * PATCH, true * PATCH, has):
+        p, t = p[m], t[m]  # (objects, 2) pixels
+        i, j = torch.triu_indices(len(t), len(t), 1)
+        if len(i):
+            right += (rel(p[i], p[j]) == rel(t[i], t[j])).sum().item()
+            total += len(i)
+    return right / max(total, 1)
 
 
 def batch(rng: random.Random, n: int, reconstruct=None, recon_share: float = 0.0):
@@ -80,7 +122,7 @@ def batch(rng: random.Random, n: int, reconstruct=None, recon_share: float = 0.0
 
 
 def patch_loss(head: PatchHead, h, centre, offset, cover) -> tuple[torch.Tensor, dict]:
-    c_logits, off, p_logits = head(h.float())
+    c_logits, off, p_logits, where = head(h.float())
     lc = F.cross_entropy(c_logits.flatten(0, 1), centre.flatten())
     has = centre > 0
     lo = F.mse_loss(off[has], offset[has]) if has.any() else off.sum() * 0
@@ -89,16 +131,28 @@ def patch_loss(head: PatchHead, h, centre, offset, cover) -> tuple[torch.Tensor,
         right = c_logits.argmax(-1) == centre
         image_acc = right.all(-1).float().mean().item()  # every patch of an image right
         object_acc = right[has].float().mean().item()  # patches holding a centre
-    return lc + 10 * lo + lp, {"centre": lc.item(), "offset": lo.item(), "cover": lp.item(), "object_acc": object_acc,
-                               "image_acc": image_acc}
+    stats = {"centre": lc.item(), "offset": lo.item(), "cover": lp.item(), "object_acc": object_acc,
+             "image_acc": image_acc}
+    loss = lc + 10 * lo + lp
+    if where is not None:
+        true = absolute_centres(offset)
+        la = F.mse_loss(where[has], true[has]) if has.any() else where.sum() * 0
+        loss = loss + la  # patch units: a pixel off costs (1/8)^2, as for the offset
+        stats["absolute"] = la.item()
+        if not torch.is_grad_enabled():  # (held out) relations read off the predicted centres
+            stats["relation_acc"] = relation_agreement(where.detach(), true, has)
+    return loss, stats
 
 
 def pretrain_encoder(tower: CLIPVisionTower, minutes: float, seed: int = 0, batch_size: int = 64, lr: float = 3e-3,
-                     reconstruct=None, recon_share: float = 0.3, log=print, max_steps: int | None = None) -> dict:
-    """Train ``tower`` in place for ``minutes`` (bf16 autocast, AdamW, cosine decay); returns final stats."""
+                     reconstruct=None, recon_share: float = 0.3, log=print, max_steps: int | None = None,
+                     absolute: bool = True) -> dict:
+    """Train ``tower`` in place for ``minutes`` (bf16 autocast, AdamW, cosine decay); returns final stats.
+
+    ``absolute``: also the canvas place of each centre (v7 on; recipes v3-v6 were built without it)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    head = PatchHead(tower.vision_tower.norm.normalized_shape[0])
+    head = PatchHead(tower.vision_tower.norm.normalized_shape[0], absolute)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = Stage("encoder", lr=lr, minutes=minutes, warmup=100, decay=True)  # the LM stages' schedule
