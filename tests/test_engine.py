@@ -144,6 +144,31 @@ def test_compiled_int4_decode_step_with_the_vnni_kernel(tiny_dir, monkeypatch):
     assert torch.equal(codes[0], codes[1])
 
 
+@pytest.mark.skipif(not int4_kernel.available(), reason="no AVX-512 VNNI or no C++ compiler")
+def test_compiled_decode_step_reads_the_int8_cache_on_its_kernel(tiny_dir, monkeypatch):
+    """int4 weights + the int8 KV cache, compiled: the cache's one-token attention stays on its kernel
+    (a custom op inside the graph, writing the cache in place) and draws what eager draws. ~20-60 s."""
+    module = int4_kernel._module()
+    calls = []
+
+    class Counting:  # the extension, counting its kv8_attend calls
+        def __getattr__(self, name):
+            fn = getattr(module, name)
+            if name != "kv8_attend":
+                return fn
+            return lambda *a: calls.append(1) or fn(*a)
+
+    eager = zuoyou.api.load(tiny_dir, device="cpu", quantize="int4", kv_cache="int8")
+    compiled = zuoyou.api.load(tiny_dir, device="cpu", quantize="int4", kv_cache="int8", compile=True)
+    codes = []
+    for pipe in (eager, compiled):
+        monkeypatch.setattr(int4_kernel, "_module", lambda: Counting())
+        calls.clear()
+        codes.append(greedy_codes(pipe, monkeypatch))
+        assert len(calls) > 0
+    assert torch.equal(codes[0], codes[1])
+
+
 def test_vq_decode_chunks_hold_about_one_janus_image(tiny_pipe, monkeypatch):
     engine = tiny_pipe.engine
     assert engine.decode_chunk == (384 * 384) // 16 ** 2  # tiny: 16 px images

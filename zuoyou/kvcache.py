@@ -36,6 +36,7 @@ class Int8KVCache(nn.Module):
         for name in ("ks", "vs"):
             self.register_buffer(name, torch.zeros(batch, n_kv, seq, dtype=torch.float32, device=device),
                                  persistent=False)
+        self.kernel = device is not None and torch.device(device).type == "cpu" and kernels.available()
 
     @property
     def rows(self) -> int:
@@ -49,9 +50,8 @@ class Int8KVCache(nn.Module):
         """Store k, v (B, nkv, T, hs) at ``input_pos`` (T,); attention of q (B, nh, T, hs) over the stored
         slots (those ``mask`` (B, 1, T, S') covers, or all) -> (B, nh, T, hs)."""
         n = self.k8.shape[2] if mask is None else mask.shape[-1]
-        if q.shape[2] == 1 and _kernel_fits(q) and not torch.compiler.is_compiling():
-            slot = int(input_pos[0])  # a CPU tensor: no device sync
-            return kernels.kv8_attend(q, k, v, self.k8, self.ks, self.v8, self.vs, slot, mask, n)
+        if q.shape[2] == 1 and self.kernel and _kernel_fits(q):  # (a custom op under torch.compile)
+            return kernels.kv8_attend(q, k, v, self.k8, self.ks, self.v8, self.vs, input_pos, mask, n)
         for x, (x8, xs) in ((k, ("k8", "ks")), (v, ("v8", "vs"))):
             values, scales = quantise(x)
             getattr(self, x8).index_copy_(2, input_pos, values)
@@ -63,7 +63,7 @@ class Int8KVCache(nn.Module):
 
 def _kernel_fits(q: torch.Tensor) -> bool:
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0
-            and q.shape[-1] <= 256 and kernels.available())
+            and q.shape[-1] <= 256)
 
 
 KV_CACHES = {"model": None, "int8": Int8KVCache}  # None: the model's own (``KVCache``, the compute dtype)

@@ -167,9 +167,24 @@ def _(x, packed, scale):
 
 
 # ------------------------------------------------------------------------------------------ int8 KV cache
-def kv8_attend(q, k, v, k8, ks, v8, vs, slot: int, mask, n_read: int) -> torch.Tensor:
-    """One-token attention over an int8 cache (``zuoyou.kvcache``), after writing k, v into ``slot``."""
-    return _module().kv8_attend(q, k, v, k8, ks, v8, vs, slot, mask, n_read)
+def kv8_attend(q, k, v, k8, ks, v8, vs, input_pos: torch.Tensor, mask, n_read: int) -> torch.Tensor:
+    """One-token attention over an int8 cache (``zuoyou.kvcache``), after writing k, v into slot
+    ``input_pos[0]`` (a CPU tensor). Eager calls go straight to the extension; under torch.compile, the
+    custom op below (it writes the cache in place, which the op declares)."""
+    if torch.compiler.is_compiling():
+        return _kv8_op(q, k, v, k8, ks, v8, vs, input_pos, mask, n_read)
+    return _module().kv8_attend(q, k, v, k8, ks, v8, vs, int(input_pos[0]), mask, n_read)
+
+
+@torch.library.custom_op("zuoyou::kv8_attend", mutates_args=("k8", "ks", "v8", "vs"))
+def _kv8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k8: torch.Tensor, ks: torch.Tensor, v8: torch.Tensor,
+            vs: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor | None, n_read: int) -> torch.Tensor:
+    return _module().kv8_attend(q, k, v, k8, ks, v8, vs, int(input_pos[0]), mask, n_read)
+
+
+@_kv8_op.register_fake
+def _(q, k, v, k8, ks, v8, vs, input_pos, mask, n_read):
+    return torch.empty_like(q)
 
 
 # ------------------------------------------------------------------------------------ fused element-wise ops
