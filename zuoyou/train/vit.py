@@ -23,8 +23,10 @@ The head is thrown away afterwards; the LM stages then train the encoder further
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.siglip import CLIPVisionTower
-from ..shapes.world import COLORS, RELATION_MIN, SHAPES, SIZES, sample_scene, shape_mask
+from ..shapes.world import COLORS, SHAPES, SIZES, relations, sample_scene, shape_mask
 from .loop import Stage
 from .vq import scenes_to_tensor
 
@@ -87,26 +89,14 @@ def absolute_centres(offset: torch.Tensor) -> torch.Tensor:
 
 
 def relation_agreement(pred: torch.Tensor, true: torch.Tensor, has: torch.Tensor) -> float:
-    """Over ordered pairs of objects in each image: does the spec's relation (left of / right of /
-    above / below / none) from the predicted centres equal the one from the true centres?"""
-    def rel(a, b):  # (P, 2) centres in pixels -> relation index 0..4 (4 = none), as ``world.relations``
-        dx, dy = (b - a).unbind(-1)
-        horiz = dx.abs() > dy.abs()
-        vert = dy.abs() > dx.abs()
-        out = torch.full(dx.shape, 4)
-        out[horiz & (dx >= RELATION_MIN)] = 0
-        out[horiz & (-dx >= RELATION_MIN)] = 1
-        out[vert & (dy >= RELATION_MIN)] = 2
-        out[vert & (-dy >= RELATION_MIN)] = 3
-        return out
-
+    """Over pairs of objects in each image: is the spec's relation (``world.relations``, which reads only
+    the centres) the same from the predicted centres as from the true ones?"""
     right = total = 0
-    for p, t, m in zip(pred * PATCH, true * PATCH, has):
-        p, t = p[m], t[m]  # (objects, 2) pixels
-        i, j = torch.triu_indices(len(t), len(t), 1)
-        if len(i):
-            right += (rel(p[i], p[j]) == rel(t[i], t[j])).sum().item()
-            total += len(i)
+    for p, t, m in zip(pred * PATCH, true * PATCH, has):  # (64, 2) pixels each
+        p, t = [[SimpleNamespace(cx=x, cy=y) for x, y in c[m].tolist()] for c in (p, t)]
+        for i, j in itertools.combinations(range(len(t)), 2):
+            right += relations(p[i], p[j]) == relations(t[i], t[j])
+            total += 1
     return right / max(total, 1)
 
 
