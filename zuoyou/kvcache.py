@@ -6,8 +6,9 @@ weights, and holds ~0.9 GB. Stored as int8 with one fp32 scale per (row, head, s
 ``x ~ x8 * max|x| / 127``), the cache takes ~half the bytes.
 
 One-token steps (decoding) run ``zuoyou/kernels/kv8_attention.cpp``, which reads the int8 cache as
-it is; longer inputs (prefill), CPUs without the kernel and ``torch.compile`` dequantise the slots
-they read and use PyTorch's attention (same quantisation, same results up to rounding).
+it is (under ``torch.compile`` as the custom op ``zuoyou::kv8_attend``); longer inputs (prefill) and
+CPUs without the kernel dequantise the slots they read and use PyTorch's attention (same
+quantisation, same results up to rounding).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Int8KVCache(nn.Module):
         for name in ("ks", "vs"):
             self.register_buffer(name, torch.zeros(batch, n_kv, seq, dtype=torch.float32, device=device),
                                  persistent=False)
-        self.kernel = device is not None and torch.device(device).type == "cpu" and kernels.available()
+        self.kernel = self.k8.device.type == "cpu" and kernels.available()  # decided once, off the decode path
 
     @property
     def rows(self) -> int:
@@ -62,8 +63,8 @@ class Int8KVCache(nn.Module):
 
 
 def _kernel_fits(q: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0
-            and q.shape[-1] <= 256)
+    # (the device is the cache's, checked once in ``Int8KVCache.kernel``)
+    return q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
 
 
 KV_CACHES = {"model": None, "int8": Int8KVCache}  # None: the model's own (``KVCache``, the compute dtype)
