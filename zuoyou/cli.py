@@ -31,12 +31,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(worth it when drawing several images at once); model: the compute dtype (default)")
 
 
-def _load(args):
+def load_from_args(args):
+    """``zuoyou.load`` with the options of ``_model_args`` (the commands here and ``zuoyou serve``)."""
     from .api import load
 
+    return load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize, kv_cache=args.kv_cache)
+
+
+def _load(args):
     log(f"loading {args.model or 'the bundled ShapesWorld model'} ...")
-    return load(args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None),
-                kv_cache=getattr(args, "kv_cache", "model"))
+    return load_from_args(args)
 
 
 def cmd_generate(args) -> None:

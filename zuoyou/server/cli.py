@@ -44,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def build_app(args):
-    from ..api import load
+    from ..cli import load_from_args
     from .app import create_app
     from .openai_schema import Limits
 
@@ -52,8 +52,7 @@ def build_app(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    pipe = load(args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None),
-                kv_cache=getattr(args, "kv_cache", "model"))
+    pipe = load_from_args(args)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                     max_n=args.max_n, max_tokens=args.max_tokens, request_timeout=args.timeout,
                     allow_remote_images=args.allow_remote_images)
