@@ -4,8 +4,9 @@ Why: besides its matrix products, an eager Janus-Pro-1B decode step runs ~700 sm
 ops on 2 x 2048 values, each paying a few microseconds of dispatch: an RMSNorm with HF's roundings
 is ~9 of them (49 per step), RoPE on q and k ~13 (24 per step). ``zuoyou/kernels/fused_ops.cpp`` does
 each in one call with the same roundings. ``zuoyou.load`` applies ``fuse`` on CPU in the quantised
-modes (whose kernels are built anyway), where zuoyou's kernels are available. Only inference takes the kernels (no autograd through them): training,
-``torch.compile`` (which fuses these ops itself) and other devices run the model's own code.
+modes (whose kernels are built anyway), where zuoyou's kernels are available. Only inference takes the
+kernels (no autograd through them): training, ``torch.compile`` (which fuses these ops itself) and
+other devices run the model's own code.
 """
 
 from __future__ import annotations
