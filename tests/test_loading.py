@@ -202,11 +202,19 @@ def test_resolve_device_and_dtype():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("layout", ["safetensors", "sharded-bin", "tied"])
-def test_quantised_while_loading_equals_quantised_after(tiny_dir, ref_sd, tmp_path, layout, mode):
+@pytest.mark.parametrize("layout", ["safetensors", "safetensors-many-parts", "sharded-bin", "tied"])
+def test_quantised_while_loading_equals_quantised_after(tiny_dir, ref_sd, tmp_path, monkeypatch, layout, mode):
     """``load_model(quantize=...)`` quantises part by part as it reads; the result is exactly
-    ``quantize_model`` applied to the loaded model."""
+    ``quantize_model`` applied to the loaded model (also when the tiny model is cut into many parts, as
+    a real checkpoint is)."""
+    import functools
+
+    import zuoyou.loading
     from zuoyou.quantize import quantize_model
+
+    if layout == "safetensors-many-parts":
+        monkeypatch.setattr(zuoyou.loading, "_load_quantized",
+                            functools.partial(zuoyou.loading._load_quantized, group_bytes=4096))
 
     sd = {k: v for k, v in ref_sd.items() if layout != "tied" or k != "language_model.lm_head.weight"}
     files = shards(sd, 2, "bin") if layout == "sharded-bin" else {"model.safetensors": sd}

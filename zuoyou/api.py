@@ -149,8 +149,13 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
         # the VQ's convolutions in channels-last (NHWC), oneDNN's / cuDNN's own layout: no reorders around
         # each conv (same values; Janus-Pro-1B int4, one image, CPU: the request's peak RSS 2819 -> 2628
         # MiB, the VQ decode ~35 % faster). Here, not in the Engine: a model in training keeps its layout.
-        model.gen_vision_model.to(memory_format=torch.channels_last)
-        release_freed_memory()  # the weights' old copies
+        # One weight at a time (what Module.to does to 4-d tensors), each old copy handed back to the OS
+        # at once, so that old and new copies of the whole VQ never coexist: that had been the peak of
+        # loading Janus-Pro-1B in int4 (+106 MiB).
+        for t in list(model.gen_vision_model.parameters()) + list(model.gen_vision_model.buffers()):
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+                release_freed_memory()
     if dev.type == "cpu" and quantize:
         # RMSNorm and RoPE in one kernel call each in eager inference (zuoyou/fused.py); with the quantised
         # modes only, whose kernels are built anyway (a plain model never waits for a C++ build)
