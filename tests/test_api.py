@@ -159,3 +159,21 @@ def test_merged_text_requests_match_single_ones(tiny_pipe, pics):
     assert eng.generate_text([r1, r2]) == alone[:2]
     assert eng.generate_text([r2, r3, r1]) == [alone[1], alone[2], alone[0]]
     assert len(set(alone)) == 3
+
+
+def test_load_puts_the_vq_in_channels_last_with_the_same_images(tiny_pipe):
+    """``zuoyou.load`` converts the VQ's 4-d weights to channels-last one at a time (oneDNN's own layout,
+    lower peak memory than converting the module at once); the decoded images do not change."""
+    import copy
+
+    import torch
+
+    vq = tiny_pipe.engine.model.gen_vision_model
+    four_d = [t for t in list(vq.parameters()) + list(vq.buffers()) if t.dim() == 4]
+    assert four_d and all(t.is_contiguous(memory_format=torch.channels_last) for t in four_d)
+    plain = copy.deepcopy(vq)
+    for t in list(plain.parameters()) + list(plain.buffers()):
+        t.data = t.data.contiguous()
+    codes = torch.randint(0, vq.quantize.embedding.weight.shape[0], (2, tiny_pipe.engine.model.config.vq.num_tokens))
+    with torch.no_grad():
+        assert torch.allclose(vq.decode_code(codes), plain.decode_code(codes), atol=1e-5)
