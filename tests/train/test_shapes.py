@@ -142,3 +142,10 @@ def test_recipe_v7_is_v6_on_the_deterministic_v2_vq_with_absolute_encoder_labels
     assert RECIPES["v7"] == want
     # the wide input drawn from N(0, 1), not v2's codebook copy (8-d, which a 256-wide gen_embed cannot take)
     assert not RECIPES["v7"].embed_from_codebook and RECIPES["v7"].gen_embed_dim == 256
+
+
+def test_recipe_v8_is_v6_with_the_canvas_label_alone():
+    import dataclasses
+
+    assert RECIPES["v8"] == dataclasses.replace(RECIPES["v6"], encoder_absolute=True)
+    assert RECIPES["v8"].vq == RECIPES["v6"].vq and not RECIPES["v8"].fold_codes  # v6's (v1's) VQ recipe
