@@ -151,7 +151,7 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
         # MiB, the VQ decode ~35 % faster). Here, not in the Engine: a model in training keeps its layout.
         # One weight at a time (what Module.to does to 4-d tensors), each old copy handed back to the OS
         # at once, so that old and new copies of the whole VQ never coexist: that had been the peak of
-        # loading Janus-Pro-1B in int4 (+106 MiB).
+        # loading Janus-Pro-1B in int4 (+72 MiB above the loaded model).
         for t in list(model.gen_vision_model.parameters()) + list(model.gen_vision_model.buffers()):
             if t.dim() == 4:
                 t.data = t.data.contiguous(memory_format=torch.channels_last)
