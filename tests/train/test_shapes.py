@@ -151,7 +151,7 @@ def test_recipe_v8_is_v6_with_the_canvas_label_alone():
     assert RECIPES["v8"].vq == RECIPES["v6"].vq and not RECIPES["v8"].fold_codes  # v6's (v1's) VQ recipe
 
 
-def test_recipe_v9_is_v6_with_more_geneval_style_prompts(data):
+def test_recipe_v9_is_v6_with_more_geneval_style_prompts():
     import dataclasses
 
     assert RECIPES["v9"] == dataclasses.replace(RECIPES["v6"], prompt_share=0.8)
