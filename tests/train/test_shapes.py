@@ -157,6 +157,6 @@ def test_recipe_v9_is_v6_with_more_geneval_style_prompts():
     assert RECIPES["v9"] == dataclasses.replace(RECIPES["v6"], prompt_share=0.8)
     v6, v9 = stages(80, recipe=RECIPES["v6"]), stages(80, recipe=RECIPES["v9"])
     assert [(s.name, s.minutes, s.lr, s.mix, s.frozen) for s in v9] == [(s.name, s.minutes, s.lr, s.mix, s.frozen) for s in v6]
-    # stage 1 keeps its simple prompts; v6's stages pass no share (the data's default, 0.5: its data stream unchanged)
-    assert [s.options for s in v6] == [{"simple": True}, {}, {}]
+    # stage 1 keeps its simple prompts (the data's default share); v6's later stages pass that same share
+    assert [s.options for s in v6] == [{"simple": True}, {"prompt_share": 0.5}, {"prompt_share": 0.5}]
     assert [s.options for s in v9] == [{"simple": True}, {"prompt_share": 0.8}, {"prompt_share": 0.8}]

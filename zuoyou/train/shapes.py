@@ -65,6 +65,7 @@ from .vq import code_entropy, consolidate_codes, encode_scenes, reconstruction_p
 TRAIN_SEED = 1  # evaluation uses other seeds (zuoyou.evals.shapes)
 CFG_DROPOUT = 0.1
 RECON_SHARE = 0.3  # understanding images replaced by their VQ reconstruction
+PROMPT_SHARE = 0.5  # generation examples with a GenEval-style prompt (the rest: captions of random scenes)
 
 
 @dataclass
@@ -87,7 +88,7 @@ class Recipe:
     # (v7) the encoder's pre-training also reads each object's place on the canvas (``zuoyou.train.vit``)
     encoder_absolute: bool = False
     # share of GenEval-style prompts (the rest: captions of random scenes) among stage 2 and 3's generation examples
-    prompt_share: float = 0.5
+    prompt_share: float = PROMPT_SHARE
 
 
 RECIPES = {
@@ -150,7 +151,7 @@ class ShapesData:
             simple = stage.options.get("simple", False)
             scenes, prompts = [], []
             for _ in range(n):
-                if rng.random() < stage.options.get("prompt_share", 0.5):  # a GenEval-style prompt, a scene satisfying it
+                if rng.random() < stage.options.get("prompt_share", PROMPT_SHARE):  # a GenEval-style prompt, a scene satisfying it
                     p = sample_prompt(rng, rng.choice(["single_object", "colors"]) if simple else None)
                     scene, text = scene_for_prompt(rng, p), p.text
                 else:  # a richer caption of a random scene
@@ -190,7 +191,7 @@ def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v6"])
     mix2, mix3 = recipe.mixes
     # a pre-trained encoder stays frozen while the random aligner learns to read it (Janus stage 1)
     frozen = ("gen_vision_model.", "vision_model.") if recipe.encoder_minutes else ("gen_vision_model.",)
-    gen_opts = {"prompt_share": recipe.prompt_share} if recipe.prompt_share != 0.5 else {}  # (0.5: the data's default)
+    gen_opts = {"prompt_share": recipe.prompt_share}
     out = [
         Stage("stage1", lr=1e-3, minutes=m1, warmup=100, mix=(1, 0, 3), batch_size=batch_size, options={"simple": True},
               frozen=frozen),
