@@ -206,7 +206,7 @@ def _load_quantized(model: Janus, files: list[Path], sizes: dict[str, int], devi
 
     emb = "language_model.model.embed_tokens.weight"
     # which file holds each key: a part re-opens only its own shards
-    where = {k: f for f in files for k in read_state_dict([f])} if len(files) > 1 else {}
+    where = {k: f for f in files for k in _keys_of(f)} if len(files) > 1 else {}
     for keys in _parts(sizes, group_bytes):
         src = read_state_dict(sorted({where.get(k, where.get(emb)) for k in keys}) if where else files,
                               set(keys) | {emb})
@@ -224,6 +224,17 @@ def _load_quantized(model: Janus, files: list[Path], sizes: dict[str, int], devi
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 t.data = t.data.clone()
         release_freed_memory()  # the quantisation's temporaries, before the next part comes on top
+
+
+def _keys_of(f: Path) -> list[str]:
+    """A weight file's key names: a safetensors header only (its tensors stay unread); a ``.bin``
+    has no header, so it is unpickled (memory-mapped)."""
+    if f.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as h:
+            return list(h.keys())
+    return list(read_state_dict([f]))
 
 
 def _module_of(key: str) -> str:
