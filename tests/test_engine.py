@@ -10,9 +10,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import zuoyou.api
-from zuoyou.errors import ConfigError
+from zuoyou.errors import ConfigError, InputError
 from zuoyou.kernels import int4 as int4_kernel
 from zuoyou.quantize import Int4Linear
 
@@ -176,3 +177,73 @@ def test_vq_decode_chunks_hold_about_one_janus_image(tiny_pipe, monkeypatch):
     assert engine.decode_chunk == 1  # Janus: one 384 x 384 image per decoder call
     monkeypatch.setattr(engine.model.config.vq, "image_size", 64)
     assert engine.decode_chunk == 36  # the bundled ShapesWorld model
+
+
+def test_answer_logprobs_are_the_trained_targets_under_padding(tiny_pipe):
+    """``answer_logprobs`` scores exactly the tokens training puts after a question (`` {answer}<eos>``,
+    ``zuoyou.train.batch.conversation``), and a batch of different prompt lengths (left padding) gives
+    each row what an unpadded forward pass of that row alone gives."""
+    from zuoyou.processor import Message
+    from zuoyou.train.batch import conversation
+
+    engine, proc, model = tiny_pipe.engine, tiny_pipe.engine.processor, tiny_pipe.engine.model
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    cases = [("How many objects are there?", "two"), ("Describe the image.", "a small red circle and a blue square")]
+    reqs = [tiny_pipe.text_request([{"role": "user", "content": q, "images": [img]}]) for q, _ in cases]
+    got = engine.answer_logprobs(reqs, [a for _, a in cases])
+    for (q, a), r, lp in zip(cases, reqs, got):
+        ids, mask = conversation(proc, [Message("user", q, [img]), Message("assistant", a)], r.system)
+        prompt, px = proc.understanding_inputs(r.messages, r.system)
+        assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)]) and all(mask[len(prompt):])
+        t = torch.tensor([ids])
+        with torch.inference_mode():
+            x = model.prepare_inputs_embeds(t, px, t == proc.image_id)
+            logp = model.text_logits(model.hidden(x)).float().log_softmax(-1)[0]  # (T, V)
+        want = sum(logp[i - 1, ids[i]].item() for i in range(len(prompt), len(ids)))
+        assert lp == pytest.approx(want, abs=1e-4)
+    assert got == pytest.approx([engine.answer_logprobs([r], [a])[0] for r, (_, a) in zip(reqs, cases)], abs=1e-4)
+
+
+def test_best_of_keeps_the_candidate_the_model_rates_best(tiny_pipe, monkeypatch):
+    """``best_of=K``: the n*K candidates are the images an n*K request draws with the same seed; each
+    image kept is, of its run of K, the one with the highest summed log P(expected answer); previews
+    show each image's first candidate. Prompts the check cannot read are drawn once."""
+    engine = tiny_pipe.engine
+    checks = [("How many objects are there?", "two"), ("What color is the circle?", "red")]
+    monkeypatch.setattr(engine, "checker", lambda prompt: checks if "circle" in prompt else [])
+    cands = tiny_pipe.generate("a red circle", n=6, seed=5, temperature=1.0)
+    seen = []
+    kept = tiny_pipe.generate("a red circle", n=2, seed=5, temperature=1.0, best_of=3,
+                              preview=lambda r, imgs: seen.append(imgs), preview_every=4)
+    scores = [sum(engine.answer_logprobs([tiny_pipe.text_request([{"role": "user", "content": q, "images": [c]}])],
+                                         [a])[0] for q, a in checks) for c in cands]
+    for i in range(2):
+        j = max(range(3 * i, 3 * i + 3), key=scores.__getitem__)
+        assert same([kept[i]], [cands[j]])
+    assert seen and all(len(imgs) == 2 for imgs in seen)
+    plain = tiny_pipe.generate("a blue square", n=2, seed=5)
+    assert same(tiny_pipe.generate("a blue square", n=2, seed=5, best_of=3), plain)
+
+
+def test_best_of_errors(tiny_pipe, monkeypatch):
+    with pytest.raises(InputError, match="best_of=0"):
+        tiny_pipe.generate("a red circle", best_of=0)
+    with pytest.raises(InputError, match="best_of=17"):
+        tiny_pipe.generate("a red circle", best_of=17)
+    monkeypatch.setattr(tiny_pipe.engine, "checker", None)
+    with pytest.raises(InputError, match="self-check"):
+        tiny_pipe.generate("a red circle", best_of=2)
+
+
+def test_check_scores_share_the_image_prefix_exactly(tiny_pipe):
+    """``check_scores`` (prefix prefilled once per image, cache expanded to the questions, suffixes
+    right-padded) gives what ``answer_logprobs`` gives with one full row per question."""
+    engine = tiny_pipe.engine
+    images = tiny_pipe.generate("a red circle", n=3, seed=2)
+    checks = [("How many objects are there?", "two"), ("What color is the circle?", "red"),
+              ("Describe the image.", "a small red circle and a blue square")]
+    got = engine.check_scores(images, checks)
+    want = [[engine.answer_logprobs([tiny_pipe.text_request([{"role": "user", "content": q, "images": [im]}])],
+                                    [a])[0] for q, a in checks] for im in images]
+    assert got.shape == (3, 3) and torch.allclose(got, torch.tensor(want), atol=1e-4)
+    assert engine.model.language_model.caches()[0] is None  # the cache is released

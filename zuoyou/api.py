@@ -3,6 +3,8 @@
 A model folder may carry ``generation_defaults.json`` (e.g. ``{"cfg": 2.0, "temperature": 0.8}``);
 those values are used whenever the caller passes none. Absent keys fall back to the official
 Janus-Pro defaults (CFG 5, temperature 1 for images; greedy text, the default system prompt).
+``"self_check": "shapes", "best_of": 4`` makes each image the best of 4 candidates by the model's own
+answers about them (``zuoyou.shapes.checks``; ``best_of`` per call overrides).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class GenerationDefaults:
     text_temperature: float = 0.0
     max_new_tokens: int = 512
     system_prompt: str | None = None  # None = the official default system prompt
+    best_of: int = 1  # candidates drawn per image, the best kept by the model's own check
+    self_check: str | None = None  # which check (a key of ``SELF_CHECKS``); None = none
 
     @classmethod
     def from_folder(cls, folder: Path) -> "GenerationDefaults":
@@ -45,6 +49,16 @@ class GenerationDefaults:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _shapes_checks():
+    from .shapes.checks import self_checks
+
+    return self_checks
+
+
+# ``generation_defaults.json``'s "self_check" -> a factory of the prompt -> [(question, answer)] check
+SELF_CHECKS = {"shapes": _shapes_checks}
 
 
 def _pick(value, default):
@@ -61,16 +75,18 @@ class Pipeline:
 
     # ---------------------------------------------------------------------- text -> image
     def image_request(self, prompt: str, n: int = 1, cfg=None, temperature=None, top_k=None, top_p=None,
-                      seed=None) -> ImageRequest:
+                      seed=None, best_of=None) -> ImageRequest:
         d = self.defaults
         return ImageRequest(prompt, n, _pick(cfg, d.cfg), _pick(temperature, d.temperature),
-                            _pick(top_k, d.top_k), _pick(top_p, d.top_p), seed)
+                            _pick(top_k, d.top_k), _pick(top_p, d.top_p), seed, _pick(best_of, d.best_of))
 
     def generate(self, prompt: str, n: int = 1, cfg: float | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 progress: bool = False, preview=None, preview_every: int = 0):
-        """Draw ``n`` images for ``prompt`` -> list of PIL images. ``temperature=0`` is argmax."""
-        req = self.image_request(prompt, n, cfg, temperature, top_k, top_p, seed)
+                 progress: bool = False, preview=None, preview_every: int = 0, best_of: int | None = None):
+        """Draw ``n`` images for ``prompt`` -> list of PIL images. ``temperature=0`` is argmax.
+        ``best_of=K``: draw K candidates per image and keep the one the model's own check rates best
+        (models whose folder names a ``self_check``; see ``Engine.generate_images``)."""
+        req = self.image_request(prompt, n, cfg, temperature, top_k, top_p, seed, best_of)
         return self.engine.generate_images([req], progress=progress, preview=preview, preview_every=preview_every)[0]
 
     # ---------------------------------------------------------------------- understanding
@@ -166,5 +182,11 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
     n_tok = processor.tokenizer.get_vocab_size(with_added_tokens=True)
     if n_tok > config.lm.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {n_tok} tokens but the model embeds only {config.lm.vocab_size}")
-    return Pipeline(Engine(model, processor, dev, dtype_used, compile=compile, kv_cache=kv_cache), defaults, folder)
+    engine = Engine(model, processor, dev, dtype_used, compile=compile, kv_cache=kv_cache)
+    if defaults.self_check is not None:
+        if defaults.self_check not in SELF_CHECKS:
+            raise ConfigError(f"{folder / 'generation_defaults.json'}: self_check={defaults.self_check!r}; "
+                              f"known: {', '.join(SELF_CHECKS)}")
+        engine.checker = SELF_CHECKS[defaults.self_check]()
+    return Pipeline(engine, defaults, folder)
 

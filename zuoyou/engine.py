@@ -12,7 +12,7 @@ request's result does not depend on its neighbours.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -34,6 +34,7 @@ class ImageRequest:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    best_of: int = 1  # draw n * best_of and keep the n that pass the model's own check best (``Engine.checker``)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class _Batch:
 
 
 DECODE_PIXELS = 384 * 384  # per VQ-decoder call (see ``Engine.decode_chunk``)
+MAX_BEST_OF = 16
 
 
 class Engine:
@@ -71,6 +73,9 @@ class Engine:
         self._cache = KV_CACHES[kv_cache]
         self.config = model.config
         self.context = context or self.config.lm.max_position_embeddings
+        # prompt -> [(question, answer), ...] that a correct drawing answers so (e.g. ``zuoyou.shapes.
+        # self_checks``, named by the model folder's generation defaults); what ``best_of`` ranks by
+        self.checker: Callable[[str], list[tuple[str, str]]] | None = None
         # the one-token decode step; ``compile=True`` hands it to torch.compile (the first request of a
         # new batch size / length recompiles, after which torch marks the changing sizes dynamic);
         # "max-autotune" also freezes the weights as constants, which lets inductor pick its packed
@@ -128,20 +133,94 @@ class Engine:
             cache.select_rows(index)
 
     # ----------------------------------------------------------------------------------- text -> image
-    @torch.inference_mode()
     def generate_images(self, requests: list[ImageRequest], progress: bool = False,
                         preview: Callable[[int, list], None] | None = None, preview_every: int = 0):
         """Returns one list of PIL images per request.
 
         ``preview(rows_done, images)`` is called every ``preview_every`` code rows with the images
         decoded so far (rows not yet drawn are grey), for progressive display.
+
+        A request with ``best_of=K > 1`` whose prompt the ``checker`` has questions for is drawn ``n * K``
+        times in the same batch; of each image's K candidates the one kept is the one whose expected
+        answers the model itself finds most likely (``answer_logprobs``). Previews show each image's
+        first candidate.
         """
-        vq = self.config.vq
-        T, P = vq.num_tokens, len(requests)
-        prompts = []
         for r in requests:
             self._check_image_request(r)
-            prompts.append(self.processor.generation_ids(r.prompt))
+        if all(r.best_of == 1 for r in requests):
+            return self._draw(requests, progress, preview, preview_every)
+        if self.checker is None:
+            raise InputError("best_of > 1 needs a self-check, and this model names none (its "
+                             "generation_defaults.json has no \"self_check\")")
+        checks = [self.checker(r.prompt) if r.best_of > 1 else [] for r in requests]
+        K = [r.best_of if c else 1 for r, c in zip(requests, checks)]
+        drawn = [replace(r, n=r.n * k) for r, k in zip(requests, K)]
+        first, start = [], 0  # rows of each image's first candidate, for previews
+        for r, k in zip(requests, K):
+            first += range(start, start + r.n * k, k)
+            start += r.n * k
+        shown = (lambda rows, images: preview(rows, [images[i] for i in first])) if preview else None
+        out = self._draw(drawn, progress, shown, preview_every)
+        return [self._best(imgs, c, k) if k > 1 else imgs for imgs, c, k in zip(out, checks, K)]
+
+    def _best(self, images: list, checks: list[tuple[str, str]], k: int, chunk: int = 16) -> list:
+        """Of each run of ``k`` candidates, the one with the highest sum of log P(answer | candidate)."""
+        score = torch.cat([self.check_scores(images[i:i + chunk], checks) for i in range(0, len(images), chunk)])
+        score = score.sum(-1).view(len(images) // k, k)  # (n, k)
+        return [images[i * k + j] for i, j in enumerate(score.argmax(-1).tolist())]
+
+    @torch.inference_mode()
+    def check_scores(self, images: list, checks: list[tuple[str, str]]) -> torch.Tensor:
+        """(N, Q) log P(answer_q | image_n, question_q), as ``answer_logprobs`` gives them, with the part
+        the questions share (the image and the template before the question) run once per image: the
+        cache is prefilled with it and expanded to the Q questions (about 4x less work for the bundled
+        model than a row per question)."""
+        proc = self.processor
+        rows, spans = [], []
+        for q, a in checks:
+            ids, _ = proc.understanding_inputs([Message("user", q, [images[0]])])
+            ans = proc.tokenizer.encode(" " + a.strip(), add_special_tokens=False).ids + [proc.eos]
+            rows.append(ids + ans)
+            spans.append(len(ans))
+        # shared prefix: every suffix keeps at least the token that predicts its answer's first token
+        P = min(len(r) - a - 1 for r, a in zip(rows, spans))
+        while any(r[:P] != rows[0][:P] for r in rows):
+            P -= 1
+        N, Q, Ls = len(images), len(rows), max(len(r) for r in rows) - P
+        prefix = torch.tensor([rows[0][:P]] * N, device=self.device)  # (N, P)
+        pixels = torch.stack([proc.image_processor(img) for img in images]).to(self.device, self.dtype)
+        x = self.model.prepare_inputs_embeds(prefix, pixels, prefix == proc.image_id).to(self.dtype)
+        lm = self.model.language_model
+        lm.setup_cache(N, P + Ls, dtype=self.dtype, device=self.device, cache=self._cache)
+        try:
+            causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
+            self.model.hidden(x, torch.arange(P, device=self.device), causal[None, None])  # fills slots [0, P)
+            self._expand_cache(torch.arange(N, device=self.device).repeat_interleave(Q))  # (N*Q rows)
+            # the suffixes, right-padded (padding comes after every real token: causal attention hides it)
+            suffix = torch.full((Q, Ls), proc.pad, dtype=torch.long)
+            for j, r in enumerate(rows):
+                suffix[j, :len(r) - P] = torch.tensor(r[P:])
+            suffix = suffix.to(self.device).repeat(N, 1)  # (N*Q, Ls)
+            pos = torch.arange(P, P + Ls, device=self.device)
+            mask = torch.ones(Ls, P + Ls, dtype=torch.bool, device=self.device)
+            mask[:, P:] = torch.ones(Ls, Ls, dtype=torch.bool, device=self.device).tril()
+            h = self.model.hidden(self.model.embed_text(suffix).to(self.dtype), pos,
+                                  mask[None, None].expand(N * Q, 1, Ls, P + Ls))  # (N*Q, Ls, D)
+        finally:
+            lm.clear_cache()
+        out = torch.empty(N, Q)
+        for j, (r, A) in enumerate(zip(rows, spans)):
+            end = len(r) - P  # the answer is suffix[j, end - A:end], predicted from one position earlier
+            logp = self.model.text_logits(h[j::Q, end - A - 1:end - 1]).float().log_softmax(-1)  # (N, A, V)
+            tgt = torch.tensor(r[-A:], device=self.device)
+            out[:, j] = logp.gather(-1, tgt.expand(N, A)[..., None])[..., 0].sum(-1).cpu()
+        return out
+
+    @torch.inference_mode()
+    def _draw(self, requests: list[ImageRequest], progress: bool, preview, preview_every: int):
+        vq = self.config.vq
+        T, P = vq.num_tokens, len(requests)
+        prompts = [self.processor.generation_ids(r.prompt) for r in requests]
         if max(len(p) for p in prompts) + T > self.context:
             raise InputError(f"prompt too long: {max(len(p) for p in prompts)} tokens + {T} image tokens "
                              f"exceed the model context of {self.context}")
@@ -213,6 +292,8 @@ class Engine:
         if r.cfg is None or r.cfg < 0:
             raise InputError(f"cfg={r.cfg}: must be >= 0")
         check_sampling(r.temperature, r.top_k, r.top_p)
+        if not isinstance(r.best_of, int) or not 1 <= r.best_of <= MAX_BEST_OF:
+            raise InputError(f"best_of={r.best_of}: must be an integer from 1 to {MAX_BEST_OF}")
 
     # ----------------------------------------------------------------------------------- understanding
     @torch.inference_mode()
@@ -264,6 +345,35 @@ class Engine:
                 h = step(x, slots[i:i + 1], self._step_mask(mask, L + i), step_pos[:, i:i + 1])[:, -1]
         finally:
             self.model.language_model.clear_cache()
+
+    @torch.inference_mode()
+    def answer_logprobs(self, requests: list[TextRequest], answers: list[str]) -> list[float]:
+        """log P(`` {answer}<eos>`` | request), teacher-forced: the tokens training puts after the
+        template's ``{Assistant}:``. One forward pass over prompt + answer, no cache."""
+        if len(answers) != len(requests):
+            raise InputError(f"{len(requests)} requests but {len(answers)} answers")
+        rows, pixels, spans = [], [], []
+        for r, a in zip(requests, answers):
+            ids, px = self.processor.understanding_inputs(r.messages, r.system)
+            ans = self.processor.tokenizer.encode(" " + a.strip(), add_special_tokens=False).ids + [self.processor.eos]
+            if len(ids) + len(ans) > self.context:
+                raise InputError(f"prompt and answer too long: {len(ids) + len(ans)} tokens for a context "
+                                 f"of {self.context}")
+            rows.append(ids + ans)
+            pixels.append(px)
+            spans.append(ans)
+        batch = self._pad(rows)
+        B, L = batch.ids.shape
+        image_mask = (batch.ids == self.processor.image_id) & batch.valid
+        x = self.model.prepare_inputs_embeds(batch.ids, torch.cat(pixels).to(self.device, self.dtype),
+                                             image_mask).to(self.dtype)
+        h = self.model.hidden(x, None, self._mask(batch.valid, L), batch.positions)  # (B, L, D)
+        out = []
+        for b, ans in enumerate(spans):  # left padding: each answer ends its row
+            A = len(ans)
+            logp = self.model.text_logits(h[b, L - A - 1:L - 1]).float().log_softmax(-1)  # (A, V)
+            out.append(logp[torch.arange(A), torch.tensor(ans, device=self.device)].sum().item())
+        return out
 
     def generate_text(self, requests: list[TextRequest]) -> list[str]:
         streams = [TextStream(self.processor) for _ in requests]

@@ -36,7 +36,9 @@ def eval_prompts(per_category: int, seed: int = EVAL_SEED) -> dict[str, list]:
 
 
 def geneval(pipe, per_category: int = 24, images: int = 4, seed: int = EVAL_SEED, cfg=None, temperature=None,
-            out_dir: Path | None = None, batch_prompts: int = 32, log=None) -> dict:
+            best_of: int | None = None, out_dir: Path | None = None, batch_prompts: int = 32, log=None) -> dict:
+    """``best_of``: candidates per image, ranked by the model's own check (None: the model's default).
+    The judge sees only the images kept."""
     prompts = eval_prompts(per_category, seed)
     flat = [(c, p) for c in CATEGORIES for p in prompts[c]]
     results = {c: [] for c in CATEGORIES}
@@ -44,8 +46,8 @@ def geneval(pipe, per_category: int = 24, images: int = 4, seed: int = EVAL_SEED
     t0 = time.time()
     for i in range(0, len(flat), batch_prompts):
         chunk = flat[i:i + batch_prompts]
-        reqs = [pipe.image_request(p.text, n=images, cfg=cfg, temperature=temperature, seed=seed + i + j)
-                for j, (_, p) in enumerate(chunk)]
+        reqs = [pipe.image_request(p.text, n=images, cfg=cfg, temperature=temperature, seed=seed + i + j,
+                                   best_of=best_of) for j, (_, p) in enumerate(chunk)]
         outs = pipe.engine.generate_images(reqs)
         for (c, p), imgs in zip(chunk, outs):
             for img in imgs:
@@ -57,7 +59,8 @@ def geneval(pipe, per_category: int = 24, images: int = 4, seed: int = EVAL_SEED
     report = {"categories": scores, "overall": sum(scores.values()) / len(scores), "images_per_prompt": images,
               "prompts_per_category": per_category, "seed": seed, "seconds": round(time.time() - t0, 1),
               "cfg": cfg if cfg is not None else pipe.defaults.cfg,
-              "temperature": temperature if temperature is not None else pipe.defaults.temperature}
+              "temperature": temperature if temperature is not None else pipe.defaults.temperature,
+              "best_of": reqs[0].best_of}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +137,7 @@ def prompt_gain(pipe, n: int = 24, seed: int = VALID_SEED) -> float:
 
 def quick_eval(pipe, log=None) -> dict:
     """A small, fast check run at the end of each training stage."""
-    g = geneval(pipe, per_category=8, images=2, seed=VALID_SEED)
+    g = geneval(pipe, per_category=8, images=2, seed=VALID_SEED, best_of=1)
     v = vqa(pipe, n=120, seed=VALID_SEED)
     out = {"geneval": round(g["overall"], 3), "geneval_categories": {k: round(x, 3) for k, x in g["categories"].items()},
            "vqa": round(v["overall"], 3), "vqa_types": {k: round(x, 3) for k, x in v["accuracy"].items()},
@@ -180,7 +183,9 @@ def _write_reports(stem: Path, report: dict, md: str) -> None:
 def _geneval_md(r: dict) -> str:
     lines = ["# ShapesWorld GenEval-style report", "",
              f"{r['prompts_per_category']} prompts per category x {r['images_per_prompt']} images, seed {r['seed']}, "
-             f"CFG {r['cfg']}, temperature {r['temperature']}", "", "| category | score |", "|---|---|"]
+             f"CFG {r['cfg']}, temperature {r['temperature']}"
+             + (f", each image the best of {r['best_of']} by the model's own check" if r.get("best_of", 1) > 1 else ""),
+             "", "| category | score |", "|---|---|"]
     lines += [f"| {c} | {s:.3f} |" for c, s in r["categories"].items()]
     lines += [f"| **overall** | **{r['overall']:.3f}** |", ""]
     lines += [f"![{c}](geneval_{c}.png)" for c in r["categories"]]

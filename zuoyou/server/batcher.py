@@ -11,7 +11,7 @@ How requests are merged (both kinds use the same policy):
   to ``window`` seconds (default 20 ms) for more jobs of the same kind, unless the queue already
   holds a full batch.
 * It then takes, in arrival order, every queued job of the head's kind that fits the budget:
-  ``max_image_rows`` images (sum of ``n``) for drawing, ``max_chat_rows`` conversations for chat.
+  ``max_image_rows`` images (sum of ``n`` x ``best_of``) for drawing, ``max_chat_rows`` conversations for chat.
   The head is always taken, so nothing starves: jobs of the other kind stay queued in order and
   the oldest of them is the head of the next round.
 * Images: one ``Engine.generate_images`` call for the whole batch (prompts are left-padded, so a
@@ -79,7 +79,7 @@ class ImageJob(Job):
     kind = "image"
 
     def __init__(self, request: ImageRequest, sink, preview_every: int = 0):
-        super().__init__(request, sink, rows=request.n)
+        super().__init__(request, sink, rows=request.n * request.best_of)  # best_of: candidates drawn per image
         self.preview_every = preview_every  # code rows between previews; 0 = none
         self.next_preview = preview_every
 
@@ -241,8 +241,8 @@ class Batcher:
             return
         groups, start = [], 0
         for j in jobs:
-            groups.append(slice(start, start + j.rows))
-            start += j.rows
+            groups.append(slice(start, start + j.request.n))  # previews show each image's first candidate
+            start += j.request.n
         every = min((j.preview_every for j in jobs if j.preview_every), default=0)
 
         def preview(rows_done, images):

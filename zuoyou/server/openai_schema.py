@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..engine import ImageRequest, TextRequest
+from ..engine import MAX_BEST_OF, ImageRequest, TextRequest
 from ..errors import InputError
 from ..processor import Message, open_image
 
@@ -314,9 +314,12 @@ def parse_images(body: dict, pipe, limits: Limits) -> ImageSpec:
     top_k = get_num(body, "top_k", d.top_k, 1, 10**6, integer=True)
     top_p = get_num(body, "top_p", d.top_p, 0, 1, lo_open=True)
     seed = get_seed(body)
+    best_of = get_num(body, "best_of", d.best_of, 1, MAX_BEST_OF, integer=True)
+    if best_of > 1 and pipe.engine.checker is None:
+        raise bad(f"best_of={best_of}: this model has no self-check to rank candidates by", "best_of")
     stream = get_bool(body, "stream")
     partial = get_num(body, "partial_images", 3 if stream else 0, 0, limits.max_partial_images, integer=True)
-    req = ImageRequest(prompt, n, cfg, temperature, top_k, top_p, seed)
+    req = ImageRequest(prompt, n, cfg, temperature, top_k, top_p, seed, best_of)
     proc, eng = pipe.engine.processor, pipe.engine
     ids = proc.generation_ids(prompt)
     if len(ids) + pipe.config.vq.num_tokens > eng.context:
