@@ -8,6 +8,10 @@ the prompt prefilled once per request and the cache expanded to its ``n`` images
 Several requests can share one decode batch (the server merges concurrent calls): prompts of
 different lengths are left-padded, padding keys masked, and RoPE positions shifted per row, so a
 request's result does not depend on its neighbours.
+
+``best_of``: a request may draw several candidates per image and keep the one the model's own
+answers about it rate best (``Engine.checker`` gives the questions; ``check_scores`` the answers'
+log-probabilities, the image prefilled once per candidate and shared by its questions).
 """
 
 from __future__ import annotations
