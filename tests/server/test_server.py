@@ -154,6 +154,16 @@ def test_images_stream_previews(server, client):
         assert Image.open(io.BytesIO(base64.b64decode(e.b64_json))).size == (16, 16)
 
 
+def test_images_best_of_with_previews(server, client, monkeypatch):
+    """``best_of`` draws n x best_of candidates and answers n images; previews come per image kept."""
+    monkeypatch.setattr(server.pipe.engine, "checker", lambda prompt: [("How many objects are there?", "one")])
+    events = list(client.images.generate(prompt="a blue square", n=2, response_format="b64_json", stream=True,
+                                         partial_images=2, extra_body={"seed": 1, "best_of": 3}))
+    assert len([e for e in events if e.type == "image_generation.completed"]) == 2
+    assert len([e for e in events if e.type == "image_generation.partial_image"]) == 4
+    assert server.http.get("/health").json()["batcher"]["images"] >= 2
+
+
 # ----------------------------------------------------------------------------------- bad inputs
 BAD = [
     ("/v1/chat/completions", {"messages": []}, "non-empty"),
@@ -179,6 +189,8 @@ BAD = [
     ("/v1/images/generations", {"prompt": "x", "size": "1024x1024"}, "16x16"),
     ("/v1/images/generations", {"prompt": "x", "response_format": "url"}, "b64_json"),
     ("/v1/images/generations", {"prompt": "x", "seed": -1}, "seed"),
+    ("/v1/images/generations", {"prompt": "x", "best_of": 0}, "'best_of'=0"),
+    ("/v1/images/generations", {"prompt": "x", "best_of": 2}, "self-check"),  # the tiny model names none
 ]
 
 
