@@ -202,7 +202,8 @@ def test_resolve_device_and_dtype():
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("layout", ["safetensors", "safetensors-many-parts", "sharded-bin", "tied"])
+@pytest.mark.parametrize("layout", ["safetensors", "safetensors-many-parts", "sharded-safetensors", "sharded-bin",
+                                    "tied"])
 def test_quantised_while_loading_equals_quantised_after(tiny_dir, ref_sd, tmp_path, monkeypatch, layout, mode):
     """``load_model(quantize=...)`` quantises part by part as it reads; the result is exactly
     ``quantize_model`` applied to the loaded model (also when the tiny model is cut into many parts, as
@@ -217,7 +218,8 @@ def test_quantised_while_loading_equals_quantised_after(tiny_dir, ref_sd, tmp_pa
                             functools.partial(zuoyou.loading._load_quantized, group_bytes=4096))
 
     sd = {k: v for k, v in ref_sd.items() if layout != "tied" or k != "language_model.lm_head.weight"}
-    files = shards(sd, 2, "bin") if layout == "sharded-bin" else {"model.safetensors": sd}
+    files = (shards(sd, 2, "bin") if layout == "sharded-bin" else shards(sd, 3, "safetensors")
+             if layout == "sharded-safetensors" else {"model.safetensors": sd})
     folder = folder_with(tiny_dir, tmp_path / layout, files)
     if layout == "tied":
         cfg = json.loads((folder / "config.json").read_text())

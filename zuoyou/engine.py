@@ -146,8 +146,8 @@ class Engine:
 
         A request with ``best_of=K > 1`` whose prompt the ``checker`` has questions for is drawn ``n * K``
         times in the same batch; of each image's K candidates the one kept is the one whose expected
-        answers the model itself finds most likely (``answer_logprobs``). Previews show each image's
-        first candidate.
+        answers the model itself finds most likely (``check_scores``). Previews show each image's first
+        candidate.
         """
         for r in requests:
             self._check_image_request(r)
