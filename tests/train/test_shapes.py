@@ -160,3 +160,14 @@ def test_recipe_v9_is_v6_with_more_geneval_style_prompts():
     # stage 1 keeps its simple prompts (the data's default share); v6's later stages pass that same share
     assert [s.options for s in v6] == [{"simple": True}, {"prompt_share": 0.5}, {"prompt_share": 0.5}]
     assert [s.options for s in v9] == [{"simple": True}, {"prompt_share": 0.8}, {"prompt_share": 0.8}]
+
+
+def test_recipe_v10_is_v9_with_a_warm_restart_of_sft():
+    import dataclasses
+
+    assert RECIPES["v10"] == dataclasses.replace(RECIPES["v9"], stage3b=(25.0, 3e-4, 0.8))
+    v9, v10 = stages(80, recipe=RECIPES["v9"]), stages(80, recipe=RECIPES["v10"])
+    assert v10[:3] == v9  # a v9 run folder resumes at the fourth stage
+    last = v10[3]
+    assert (last.name, last.minutes, last.lr, last.warmup, last.decay, last.mix, last.options) == (
+        "stage3b", 25.0, 3e-4, 50, True, v9[2].mix, {"prompt_share": 0.8})
