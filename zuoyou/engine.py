@@ -183,7 +183,7 @@ class Engine:
         rows, spans = [], []
         for q, a in checks:
             ids, _ = proc.understanding_inputs([Message("user", q, [images[0]])])
-            ans = proc.tokenizer.encode(" " + a.strip(), add_special_tokens=False).ids + [proc.eos]
+            ans = proc.answer_ids(a)
             rows.append(ids + ans)
             spans.append(len(ans))
         # shared prefix: every suffix keeps at least the token that predicts its answer's first token
@@ -359,7 +359,7 @@ class Engine:
         rows, pixels, spans = [], [], []
         for r, a in zip(requests, answers):
             ids, px = self.processor.understanding_inputs(r.messages, r.system)
-            ans = self.processor.tokenizer.encode(" " + a.strip(), add_special_tokens=False).ids + [self.processor.eos]
+            ans = self.processor.answer_ids(a)
             if len(ids) + len(ans) > self.context:
                 raise InputError(f"prompt and answer too long: {len(ids) + len(ans)} tokens for a context "
                                  f"of {self.context}")

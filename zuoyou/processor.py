@@ -184,6 +184,11 @@ class Processor:
     def encode(self, text: str) -> list[int]:
         return [self.bos] + self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def answer_ids(self, text: str) -> list[int]:
+        """An assistant turn's tokens after the template's ``{Assistant}:``: `` {answer}<eos>`` (what
+        training targets and what answers are scored by)."""
+        return self.tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids + [self.eos]
+
     def expand_images(self, ids: list[int]) -> list[int]:
         """Each ``<image_placeholder>`` -> ``<begin_of_image>`` + N placeholders + ``<end_of_image>``."""
         out = []

@@ -57,7 +57,7 @@ def conversation(proc: Processor, msgs: list[Message], system: str | None = None
             seg = proc.encode(text) if not ids else proc.tokenizer.encode(text, add_special_tokens=False).ids
             seg = proc.expand_images(seg)
         else:
-            seg = proc.tokenizer.encode(" " + m.content.strip(), add_special_tokens=False).ids + [proc.eos]
+            seg = proc.answer_ids(m.content)
         ids += seg
         mask += [m.role == "assistant"] * len(seg)
     return ids, mask
