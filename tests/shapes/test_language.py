@@ -10,7 +10,7 @@ import pytest
 from zuoyou.shapes.judge import parse_image
 from zuoyou.shapes.language import (CATEGORIES, NUMBERS, QUESTION_TYPES, all_prompts,
                                     answer_question, answers_match, caption, check,
-                                    describe, parse_description, parse_prompt, plural,
+                                    describe, parse_description, parse_prompt, plural, question,
                                     sample_prompt, sample_question, scene_for_prompt)
 from zuoyou.shapes.world import COLORS, SHAPES, Obj, Scene, relations, render, sample_scene
 
@@ -172,6 +172,21 @@ def test_questions_agree_with_scenes():
                 (o.size, o.color, o.shape) for o in objs)
     assert set(seen) == set(QUESTION_TYPES)
     assert 0.4 < yes_no["yes"] / sum(yes_no.values()) < 0.6, yes_no
+
+
+def test_question_sentences_are_the_specs():
+    """The one builder of question sentences (sampling, self-checks and examples use it), word for word."""
+    assert question("count_all") == "How many objects are there?"
+    assert question("count_shape", "cross") == "How many crosses are there?"
+    assert question("color_of_shape", "triangle") == "What color is the triangle?"
+    assert question("shape_of_color", "cyan") == "What shape is the cyan object?"
+    assert question("relation", "red", "circle", "left of", "blue", "square") == "Is the red circle left of the blue square?"
+    assert question("describe") == "Describe the image."
+    assert {qt for qt in QUESTION_TYPES} == {answer_question(question(qt, *slots), [O("circle", "red"), O("square", "blue", x=30)])[0]
+                                              for qt, slots in [("count_all", ()), ("count_shape", ("circle",)),
+                                                                ("color_of_shape", ("circle",)), ("shape_of_color", ("red",)),
+                                                                ("relation", ("red", "circle", "left of", "blue", "square")),
+                                                                ("describe", ())]}
 
 
 def test_question_types_only_when_applicable():

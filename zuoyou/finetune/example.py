@@ -144,10 +144,10 @@ def evaluate(pipe, n: int = 96, images: int = 2, color: str = NEW_COLOR, rgb=NEW
             if sum(x.shape == o.shape for x in scene.objects) > 1 or sum(x.color == o.color for x in scene.objects) > 1:
                 continue
             if new and len(items) >= n:
-                items.append(("new_color_shape", render_image(scene), f"What shape is the {o.color} object?", o.shape))
+                items.append(("new_color_shape", render_image(scene), language.question("shape_of_color", o.color), o.shape))
             else:
                 items.append(("new_color_name" if new else "old_color_name", render_image(scene),
-                              f"What color is the {o.shape}?", o.color))
+                              language.question("color_of_shape", o.shape), o.color))
     per: dict[str, list[bool]] = {}
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from .language import NUMBERS, PREFIX, _normalise, plural
+from .language import NUMBERS, PREFIX, _normalise, question
 from .world import COLORS, RELATIONS, SHAPES, SIZES
 
 _ITEM = re.compile(r"(a|an|one|two|three|four) (?:(%s) )?(?:(%s) )?(%s|shape)(?:es|s)?" % (
@@ -47,15 +47,15 @@ def self_checks(text: str) -> list[tuple[str, str]]:
     if not objs or len(objs) >= len(NUMBERS):
         return []
     shapes, colors = [s for s, _ in objs], [c for _, c in objs]
-    checks = [("How many objects are there?", NUMBERS[len(objs)])]
+    checks = [(question("count_all"), NUMBERS[len(objs)])]
     if None in shapes:  # "two red shapes": only the total is known
         return checks
-    checks += [(f"How many {plural(s)} are there?", NUMBERS[shapes.count(s)]) for s in dict.fromkeys(shapes)]
+    checks += [(question("count_shape", s), NUMBERS[shapes.count(s)]) for s in dict.fromkeys(shapes)]
     for s, c in objs:
         if c is None:
             continue
         if None not in colors and colors.count(c) == 1:  # every colour named: no other object is c
-            checks.append((f"What shape is the {c} object?", s))
+            checks.append((question("shape_of_color", c), s))
         if shapes.count(s) == 1:
-            checks.append((f"What color is the {s}?", c))
+            checks.append((question("color_of_shape", s), c))
     return checks

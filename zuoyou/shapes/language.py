@@ -253,6 +253,24 @@ def caption(rng: random.Random, scene) -> str:
 
 
 # --------------------------------------------------------------------- questions
+_QUESTIONS = {
+    "count_all": "How many objects are there?",
+    "count_shape": "How many {} are there?",
+    "color_of_shape": "What color is the {}?",
+    "shape_of_color": "What shape is the {} object?",
+    "relation": "Is the {} {} {} the {} {}?",
+    "describe": "Describe the image.",
+}
+
+
+def question(qtype: str, *slots: str) -> str:
+    """The question of ``qtype`` about the named slots: ``question("count_shape", "cross")`` ->
+    "How many crosses are there?"; relation slots: colour, shape, relation, colour, shape."""
+    if qtype == "count_shape":
+        slots = tuple(plural(s) for s in slots)
+    return _QUESTIONS[qtype].format(*slots)
+
+
 _QUESTION_RES = {
     "count_all": re.compile(r"how many objects are there\?"),
     "count_shape": re.compile(r"how many (%s) are there\?" % "|".join(map(plural, SHAPES))),
@@ -330,30 +348,28 @@ def sample_question(rng: random.Random, scene, qtype: str | None = None):
     elif qtype not in ok:
         raise ValueError(f"question type {qtype!r} does not apply to this scene")
     if qtype == "count_all":
-        return qtype, "How many objects are there?", NUMBERS[len(objs)]
+        return qtype, question(qtype), NUMBERS[len(objs)]
     if qtype == "count_shape":
         present = rng.random() < 0.7 and objs
         shape = rng.choice(objs).shape if present else rng.choice(SHAPES)
-        return (qtype, f"How many {plural(shape)} are there?",
-                NUMBERS[sum(o.shape == shape for o in objs)])
+        return qtype, question(qtype, shape), NUMBERS[sum(o.shape == shape for o in objs)]
     if qtype == "describe":
-        return qtype, "Describe the image.", describe(objs)
+        return qtype, question(qtype), describe(objs)
     if qtype == "color_of_shape":
         counts = collections.Counter(o.shape for o in objs)
         o = rng.choice([o for o in objs if counts[o.shape] == 1])
-        return qtype, f"What color is the {o.shape}?", o.color
+        return qtype, question(qtype, o.shape), o.color
     if qtype == "shape_of_color":
         counts = collections.Counter(o.color for o in objs)
         o = rng.choice([o for o in objs if counts[o.color] == 1])
-        return qtype, f"What shape is the {o.color} object?", o.shape
+        return qtype, question(qtype, o.color), o.shape
     uniq = _unique_pairs(objs)
     pairs = [(a, b) for a in uniq for b in uniq if a is not b]
     true = [(a, r, b) for a, b in pairs for r in relations(a, b)]
     false = [(a, r, b) for a, b in pairs for r in RELATIONS if r not in relations(a, b)]
     want_yes = bool(true) and rng.random() < 0.5
     a, r, b = rng.choice(true if want_yes else false)
-    question = f"Is the {a.color} {a.shape} {r} the {b.color} {b.shape}?"
-    return qtype, question, "yes" if want_yes else "no"
+    return qtype, question(qtype, a.color, a.shape, r, b.color, b.shape), "yes" if want_yes else "no"
 
 
 def answers_match(qtype: str, predicted: str, expected: str) -> bool:
