@@ -171,3 +171,20 @@ def test_recipe_v10_is_v9_with_a_warm_restart_of_sft():
     last = v10[3]
     assert (last.name, last.minutes, last.lr, last.warmup, last.decay, last.mix, last.options) == (
         "stage3b", 25.0, 3e-4, 50, True, v9[2].mix, {"prompt_share": 0.8})
+
+
+def test_recipe_v11_is_v10_with_a_second_restart():
+    import dataclasses
+
+    assert RECIPES["v11"] == dataclasses.replace(RECIPES["v10"], restarts=2)
+    v10, v11 = stages(80, recipe=RECIPES["v10"]), stages(80, recipe=RECIPES["v11"])
+    assert v11[:4] == v10  # a v10 run folder resumes at the fifth stage
+    assert v11[4] == dataclasses.replace(v10[3], name="stage3c")
+
+
+def test_recipe_v12_is_v11_with_a_third_restart():
+    import dataclasses
+
+    assert RECIPES["v12"] == dataclasses.replace(RECIPES["v11"], restarts=3)
+    v11, v12 = stages(80, recipe=RECIPES["v11"]), stages(80, recipe=RECIPES["v12"])
+    assert v12[:5] == v11 and v12[5] == dataclasses.replace(v11[4], name="stage3d")
