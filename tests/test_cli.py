@@ -126,3 +126,17 @@ def test_subprocess_stdout_is_only_the_answer(tiny_dir, tiny_pipe, images):
     r = _subprocess("ask", QUESTION, "--image", images[0], "--model", tiny_dir, "--temperature", "-1")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines()[-1].startswith("zuoyou: error: temperature=-1") and "Traceback" not in r.stderr
+
+
+def test_train_recipes_are_the_registrys():
+    """The CLI lists the recipes by hand (parsing stays free of torch); they must be ``RECIPES``, with the
+    same default as ``run``."""
+    import inspect
+
+    from zuoyou.cli import build_parser
+    from zuoyou.train.shapes import RECIPES, run
+
+    train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    shapes = next(a for a in train._actions if a.dest == "what").choices["shapes"]
+    recipe = next(a for a in shapes._actions if a.dest == "recipe")
+    assert recipe.choices == list(RECIPES) and recipe.default == inspect.signature(run).parameters["recipe"].default

@@ -220,7 +220,7 @@ def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v12"]
     ]
     if recipe.stage3b:
         m4, lr4, share = recipe.stage3b
-        out += [Stage(f"stage3{'bcdefgh'[i]}", lr=lr4, minutes=m4, warmup=50, decay=True, mix=mix3,
+        out += [Stage(f"stage3{chr(ord('b') + i)}", lr=lr4, minutes=m4, warmup=50, decay=True, mix=mix3,
                       batch_size=batch_size, options={"prompt_share": share}) for i in range(recipe.restarts)]
     return out
 
