@@ -218,7 +218,9 @@ def test_int4_keeps_int8_where_the_kernel_does_not_fit(tiny_dir):
     lm = model.language_model
     layer = lm.model.layers[0]
     assert all(isinstance(m, Int4Linear) for m in (*layer.mlp.children(), layer.self_attn.q_proj, layer.self_attn.o_proj))
-    assert isinstance(lm.lm_head, Int8Linear) and isinstance(model.gen_head.vision_head, Int8Linear)
+    assert isinstance(lm.lm_head, Int8Linear)
+    # the image head stays in float: its logits are what CFG multiplies (``quantized_part``)
+    assert all(isinstance(m, torch.nn.Linear) for m in (model.gen_head.output_mlp_projector, model.gen_head.vision_head))
     assert weight_bytes(lm.model.layers) < 0.2 * before  # fp32 -> 4 bits + a bf16 scale and zero per 32-64 weights
 
 
@@ -345,11 +347,9 @@ def test_int4_quality_on_the_bundled_model(bundled_int4):
     assert r["int4"]["image"]["kl_mean"] > r["int8"]["image"]["kl_mean"]  # fewer bits, more loss
 
 
-@pytest.mark.xfail(strict=True, reason="known: the bundled v12 draws at CFG 3 (v10: CFG 2), which amplifies int4's "
-                                       "rounding: image KL 0.051-0.053 against the bound of 0.05 (int8: 0.012); "
-                                       "MSE-clipped int4 groups (0.057) and groups of 32 (0.049) did not fix it")
 def test_int4_image_quality_on_the_bundled_model_at_its_defaults(bundled_int4):
-    """int4's image distributions stay within int8's bound at the model's own CFG (v10 at CFG 2: 0.021-0.025)."""
+    """int4's image distributions stay within int8's bound at the model's own CFG (v12 at CFG 3: 0.042; 0.051,
+    over the bound, while int4 also put the image head in int8, which CFG amplifies; see ``quantized_part``)."""
     assert bundled_int4["int4"]["image"]["kl_mean"] < IMG_KL
 
 
@@ -386,8 +386,6 @@ def test_decode_path_quality_on_the_bundled_model(decode_path):
     assert r["kl_mean"] < IMG_KL and r["greedy_agreement"] >= AGREEMENT
 
 
-@pytest.mark.xfail(strict=True, reason="known: at the bundled v12's CFG 3 int4's image KL is 0.052 against the bound "
-                                       "of 0.05 (see test_int4_image_quality_on_the_bundled_model_at_its_defaults)")
 def test_int4_decode_path_quality_on_the_bundled_model(decode_path):
     """int4 through the decode path, KL only (near-tied codes of the noisy VQ flip under 4-bit weights)."""
     assert decode_path["int4"]["kl_mean"] < IMG_KL

@@ -216,7 +216,7 @@ def _load_quantized(model: Janus, files: list[Path], sizes: dict[str, int], devi
         model.load_state_dict(part, strict=False, assign=True)
         del part
         for name in sorted({_module_of(k) for k in keys}):
-            if quantized_part(name, model.get_submodule(name)):
+            if quantized_part(name, model.get_submodule(name), mode):
                 quantize_part(model, name, mode)
         for k in keys:  # what stays in float gets its own memory, so that this part's map can close
             owner, _, attr = k.rpartition(".")
