@@ -188,3 +188,56 @@ def test_recipe_v12_is_v11_with_a_third_restart():
     assert RECIPES["v12"] == dataclasses.replace(RECIPES["v11"], restarts=3)
     v11, v12 = stages(80, recipe=RECIPES["v11"]), stages(80, recipe=RECIPES["v12"])
     assert v12[:5] == v11 and v12[5] == dataclasses.replace(v11[4], name="stage3d")
+
+
+def test_recipe_v13_is_v12_with_a_fourth_restart_in_the_named_order():
+    import dataclasses
+
+    assert RECIPES["v13"] == dataclasses.replace(RECIPES["v12"], restarts=4, named_order=("stage3e",))
+    v12, v13 = stages(80, recipe=RECIPES["v12"]), stages(80, recipe=RECIPES["v13"])
+    assert v13[:6] == v12  # a v12 run folder resumes at the seventh stage
+    assert v13[6] == dataclasses.replace(v12[5], name="stage3e", options={"prompt_share": 0.8, "named_order": True})
+
+
+def test_named_order_scenes_meet_the_first_named_object_first():
+    import random
+
+    from zuoyou.shapes import all_prompts, check, scene_for_prompt
+    from zuoyou.train.shapes import CODE_PX, in_named_order
+
+    rng = random.Random(0)
+    for category in ("two_object", "color_attr"):
+        for p in all_prompts(category)[:40]:
+            scene = scene_for_prompt(rng, p)
+            named = in_named_order(scene, p)
+            assert check(p, named.objects)
+            # places and sizes are the scene's; the first-named object is met first in raster order
+            assert sorted((o.x0, o.y0, o.s, o.size) for o in named.objects) == sorted(
+                (o.x0, o.y0, o.s, o.size) for o in scene.objects)
+            a, b = named.objects
+            assert (a.y0 // CODE_PX, a.x0) < (b.y0 // CODE_PX, b.x0)
+            assert a.shape == p.objects[0][0] and b.shape == p.objects[1][0]
+            if category == "color_attr":
+                assert (a.color, b.color) == (p.objects[0][1], p.objects[1][1])
+
+
+def test_named_order_applies_to_its_stages_only(monkeypatch):
+    """Generation scenes of a stage with the option come in the named order; without it, in any order."""
+    import random
+
+    import zuoyou.train.shapes as ts
+    from zuoyou.train.loop import Stage
+
+    drawn = []
+    monkeypatch.setattr(ts, "encode_scenes", lambda vq, scenes: drawn.extend(scenes) or [None] * len(scenes))
+    monkeypatch.setattr(ts, "generation_example", lambda *a: None)
+    prompt = ts.sample_prompt  # two_object and color_attr prompts only
+    monkeypatch.setattr(ts, "sample_prompt", lambda rng, category=None: prompt(rng, rng.choice(ts.NAMED_ORDER)))
+    data = ts.ShapesData(processor=None, vq=None)
+    for named in (False, True):
+        drawn.clear()
+        options = {"prompt_share": 1.0, **({"named_order": True} if named else {})}
+        data.examples("gen", 400, random.Random(3), Stage("s", lr=1e-3, options=options))
+        assert len(drawn) == 400 and all(len(s.objects) == 2 for s in drawn)
+        share = sum((a.y0 // ts.CODE_PX, a.x0) < (b.y0 // ts.CODE_PX, b.x0) for a, b in (s.objects for s in drawn)) / 400
+        assert share == 1.0 if named else 0.4 < share < 0.6
