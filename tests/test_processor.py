@@ -133,6 +133,11 @@ def test_placeholder_expansion_and_multi_image(pro):
         pro.understanding_inputs([Message("user", "<image_placeholder> which?")])
     ids4, px4 = pro.understanding_inputs([Message("user", "no image")])
     assert pro.image_id not in ids4 and px4.shape == (0, 3, 32, 32)
+    # the ids alone (no image preprocessed), with the same check
+    assert pro.understanding_ids([Message("user", "this?", imgs[:1]), Message("assistant", "yes"),
+                                  Message("user", "and this?", imgs[1:])]) == ids3
+    with pytest.raises(InputError, match="2 image placeholders but 1 images"):
+        pro.understanding_ids([Message("user", "<image_placeholder><image_placeholder> which?", imgs[:1])])
 
 
 def test_cfg_uncond_prompt(pro):

@@ -182,7 +182,7 @@ class Engine:
         proc = self.processor
         rows, spans = [], []
         for q, a in checks:
-            ids, _ = proc.understanding_inputs([Message("user", q, [images[0]])])
+            ids = proc.understanding_ids([Message("user", q, [images[0]])])  # (the pixels come once per image below)
             ans = proc.answer_ids(a)
             rows.append(ids + ans)
             spans.append(len(ans))

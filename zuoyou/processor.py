@@ -199,13 +199,18 @@ class Processor:
                 out.append(t)
         return out
 
-    def understanding_inputs(self, messages: list[Message], system: str | None = None):
-        """Messages -> (ids list[int], pixel_values (N, 3, S, S)). Checks placeholders vs images."""
-        images = [img for m in messages for img in m.images]
+    def understanding_ids(self, messages: list[Message], system: str | None = None) -> list[int]:
+        """Messages -> prompt ids with each image's placeholders expanded. Checks placeholders vs images."""
         ids = self.expand_images(self.encode(self.chat_prompt(messages, system)))
-        n_tags = sum(1 for t in ids if t == self.image_start)
-        if n_tags != len(images):
-            raise InputError(f"the conversation has {n_tags} image placeholders but {len(images)} images")
+        n_tags, n_images = sum(1 for t in ids if t == self.image_start), sum(len(m.images) for m in messages)
+        if n_tags != n_images:
+            raise InputError(f"the conversation has {n_tags} image placeholders but {n_images} images")
+        return ids
+
+    def understanding_inputs(self, messages: list[Message], system: str | None = None):
+        """Messages -> (ids list[int], pixel_values (N, 3, S, S)) (``understanding_ids`` and the images preprocessed)."""
+        images = [img for m in messages for img in m.images]
+        ids = self.understanding_ids(messages, system)
         size = self.image_processor.image_size
         pixels = torch.stack([self.image_processor(i) for i in images]) if images else torch.zeros(0, 3, size, size)
         return ids, pixels
