@@ -199,6 +199,23 @@ def test_recipe_v13_is_v12_with_a_fourth_restart_in_the_named_order():
     assert v13[6] == dataclasses.replace(v12[5], name="stage3e", options={"prompt_share": 0.8, "named_order": True})
 
 
+def test_recipe_v14_is_v13_with_a_fifth_restart_in_the_named_order():
+    import dataclasses
+
+    assert RECIPES["v14"] == dataclasses.replace(RECIPES["v13"], restarts=5, named_order=("stage3e", "stage3f"))
+    v13, v14 = stages(80, recipe=RECIPES["v13"]), stages(80, recipe=RECIPES["v14"])
+    assert v14[:7] == v13 and v14[7] == dataclasses.replace(v13[6], name="stage3f")
+
+
+def test_recipe_v15_is_v14_with_a_sixth_restart_in_the_named_order():
+    import dataclasses
+
+    assert RECIPES["v15"] == dataclasses.replace(RECIPES["v14"], restarts=6,
+                                                 named_order=("stage3e", "stage3f", "stage3g"))
+    v14, v15 = stages(80, recipe=RECIPES["v14"]), stages(80, recipe=RECIPES["v15"])
+    assert v15[:8] == v14 and v15[8] == dataclasses.replace(v14[7], name="stage3g")
+
+
 def test_named_order_scenes_meet_the_first_named_object_first():
     import random
 
