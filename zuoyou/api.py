@@ -139,7 +139,8 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
     """Load a checkpoint folder or hub id (None: the bundled ShapesWorld model) into a ``Pipeline``.
 
     ``quantize="int8"``: int8 weight-only LM linears, heads and image-code aligner (``zuoyou.quantize``),
-    bf16 activations; ``quantize="int4"`` (CPU): group-wise int4 decoder linears, int8 for the rest.
+    bf16 activations; ``quantize="int4"`` (CPU): group-wise int4 decoder linears, int8 text head and aligner,
+    the image head left in float (``zuoyou.quantize.quantized_part``).
     Both are applied layer by layer while loading (the float checkpoint is never all in memory); decode
     steps run on zuoyou's AVX-512 VNNI kernels (AMX tiles for 5-8 rows where the CPU has them; built on
     first use) where the CPU, a C++ compiler and bf16 compute allow,

@@ -25,7 +25,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4", "none"],
                    help="int8: weight-only int8 LM linears and heads: half the weight memory, faster decoding "
                         "of one image or one answer on CPU; int4 (CPU only): group-wise int4 decoder layers, "
-                        "int8 heads, a quarter of the memory, lossier (default: none)")
+                        "int8 text head, image head in float, about a quarter of the memory, lossier (default: none)")
     p.add_argument("--kv-cache", default="model", choices=["model", "int8"],
                    help="int8: keys and values stored as int8, about half the KV cache's memory and reads "
                         "(worth it when drawing several images at once); model: the compute dtype (default)")

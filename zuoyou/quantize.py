@@ -1,6 +1,7 @@
 """Weight-only int8 / int4 quantisation of the LM linears and the per-step image path, applied from outside the model.
 
-int4 (``Int4Linear``, decoder layers only) is described in its class; this text is about int8.
+int4 (``Int4Linear``, decoder layers only) is described in its class; int4 mode keeps int8 for the text head
+and aligner and leaves the image head in float (``quantized_part``). The rest of this text is about int8.
 
 ``quantize_model(model, "int8")`` swaps, in place, every ``nn.Linear`` of the LLaMA decoder layers,
 the text head (``lm_head``), the image head (``gen_head``) and the image-code aligner (``gen_aligner``,
