@@ -258,3 +258,35 @@ def test_named_order_applies_to_its_stages_only(monkeypatch):
         assert len(drawn) == 400 and all(len(s.objects) == 2 for s in drawn)
         share = sum((a.y0 // ts.CODE_PX, a.x0) < (b.y0 // ts.CODE_PX, b.x0) for a, b in (s.objects for s in drawn)) / 400
         assert share == 1.0 if named else 0.4 < share < 0.6
+
+
+def test_recipe_v16_is_v15_with_a_seventh_restart_weighted_to_the_weak_categories():
+    import dataclasses
+
+    assert RECIPES["v16"] == dataclasses.replace(
+        RECIPES["v15"], restarts=7, named_order=("stage3e", "stage3f", "stage3g", "stage3h"),
+        category_weights=(1, 1.5, 1.5, 1, 1, 2), weighted=("stage3h",))
+    v15, v16 = stages(80, recipe=RECIPES["v15"]), stages(80, recipe=RECIPES["v16"])
+    assert v16[:9] == v15  # a v15 run folder resumes at the tenth stage
+    assert v16[9] == dataclasses.replace(v15[8], name="stage3h", options={
+        "prompt_share": 0.8, "named_order": True, "category_weights": (1, 1.5, 1.5, 1, 1, 2)})
+
+
+def test_category_weights_set_the_share_of_each_prompt_category(monkeypatch):
+    """A stage with ``category_weights`` draws its GenEval-style prompts' categories in those proportions."""
+    import collections
+    import random
+
+    import zuoyou.train.shapes as ts
+    from zuoyou.shapes import CATEGORIES, parse_prompt
+    from zuoyou.train.loop import Stage
+
+    monkeypatch.setattr(ts, "encode_scenes", lambda vq, scenes: [None] * len(scenes))
+    monkeypatch.setattr(ts, "generation_example", lambda proc, text, codes, drop: text)
+    data = ts.ShapesData(processor=None, vq=None)
+    weights = (0, 1, 0, 0, 1, 2)
+    texts = data.examples("gen", 4000, random.Random(5), Stage("s", lr=1e-3, options={
+        "prompt_share": 1.0, "category_weights": weights}))
+    counts = collections.Counter(parse_prompt(t).category for t in texts)
+    for category, w in zip(CATEGORIES, weights):
+        assert abs(counts[category] / 4000 - w / sum(weights)) < 0.03, (category, counts)

@@ -62,7 +62,8 @@ from ..loading import save_model
 from ..models.janus import Janus, build
 from ..models.vq import VQModel
 from ..processor import Message, Processor
-from ..shapes import Prompt, Scene, caption, describe, sample_prompt, sample_question, sample_scene, scene_for_prompt
+from ..shapes import (CATEGORIES, Prompt, Scene, caption, describe, sample_prompt, sample_question, sample_scene,
+                      scene_for_prompt)
 from ..tokenizer import train_tokenizer
 from .batch import Example, conversation, generation_example
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -101,6 +102,10 @@ class Recipe:
     # (v13) stages whose two-object prompts (two_object, color_attr) get scenes drawn in the named order: the
     # first-named object is met first in raster order (``in_named_order``)
     named_order: tuple[str, ...] = ()
+    # (v16) stages whose GenEval-style prompts draw their category with these weights (in the order of
+    # ``CATEGORIES``) instead of uniformly
+    category_weights: tuple[float, ...] | None = None
+    weighted: tuple[str, ...] = ()
 
 
 RECIPES = {
@@ -159,6 +164,13 @@ RECIPES = {
     # (v13 0.438), with the self-check 0.734 overall (v13 0.677)
     "v15": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
                   1.0, (25.0, 3e-4, 0.8), restarts=6, prompt_share=0.8, named_order=("stage3e", "stage3f", "stage3g")),
+    # v15 with a seventh restart (stage3h) in the named order whose GenEval-style prompts favour the weak categories
+    # (two objects and counting x1.5, colour attribution x2): v15 on validation, drawn once, two objects 0.41,
+    # counting 0.42, colour attribution 0.08 at any CFG 3-8 / T 0.3-1.0 (the others 0.73-0.90)
+    "v16": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
+                  1.0, (25.0, 3e-4, 0.8), restarts=7, prompt_share=0.8,
+                  named_order=("stage3e", "stage3f", "stage3g", "stage3h"), category_weights=(1, 1.5, 1.5, 1, 1, 2),
+                  weighted=("stage3h",)),
 }
 
 NAMED_ORDER = ("two_object", "color_attr")  # the prompt categories ``in_named_order`` applies to
@@ -204,7 +216,9 @@ class ShapesData:
             scenes, prompts = [], []
             for _ in range(n):
                 if rng.random() < stage.options.get("prompt_share", PROMPT_SHARE):  # a GenEval-style prompt, a scene satisfying it
-                    p = sample_prompt(rng, rng.choice(["single_object", "colors"]) if simple else None)
+                    weights = stage.options.get("category_weights")
+                    cat = rng.choices(CATEGORIES, weights)[0] if weights else None  # (None: older streams unchanged)
+                    p = sample_prompt(rng, rng.choice(["single_object", "colors"]) if simple else cat)
                     scene, text = scene_for_prompt(rng, p), p.text
                     if stage.options.get("named_order") and p.category in NAMED_ORDER:
                         scene = in_named_order(scene, p)
@@ -259,6 +273,8 @@ def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v15"]
     for st in out:
         if st.name in recipe.named_order:
             st.options["named_order"] = True
+        if st.name in recipe.weighted:
+            st.options["category_weights"] = recipe.category_weights
     return out
 
 
