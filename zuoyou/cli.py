@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero "
                                         "(tokenizer, VQ, encoder pre-training, three stages, the recipe's SFT restarts)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
-    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16"], default="v15",
+    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16", "v17", "v18"], default="v15",
                     help="v15: the bundled model's recipe (default; v12 + three more restarts whose two-object scenes come in the named order); "
                          "v14, v13: two and one such; v12: v9 + three restarts of SFT of 25 min each; v11: two such restarts; v10: v9 + 25 min more SFT; v9: v6 with 80 %% "
                          "GenEval-style prompts among the generation examples; v6: the one bundled before (v4 with a "

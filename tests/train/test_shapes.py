@@ -290,3 +290,23 @@ def test_category_weights_set_the_share_of_each_prompt_category(monkeypatch):
     counts = collections.Counter(parse_prompt(t).category for t in texts)
     for category, w in zip(CATEGORIES, weights):
         assert abs(counts[category] / 4000 - w / sum(weights)) < 0.03, (category, counts)
+
+
+def test_recipe_v17_is_v16_with_an_eighth_restart_weighted_the_same_way():
+    import dataclasses
+
+    assert RECIPES["v17"] == dataclasses.replace(
+        RECIPES["v16"], restarts=8, named_order=RECIPES["v16"].named_order + ("stage3i",),
+        weighted=("stage3h", "stage3i"))
+    v16, v17 = stages(80, recipe=RECIPES["v16"]), stages(80, recipe=RECIPES["v17"])
+    assert v17[:10] == v16 and v17[10] == dataclasses.replace(v16[9], name="stage3i")
+
+
+def test_recipe_v18_is_v17_with_a_ninth_restart_weighted_the_same_way():
+    import dataclasses
+
+    assert RECIPES["v18"] == dataclasses.replace(
+        RECIPES["v17"], restarts=9, named_order=RECIPES["v17"].named_order + ("stage3j",),
+        weighted=("stage3h", "stage3i", "stage3j"))
+    v17, v18 = stages(80, recipe=RECIPES["v17"]), stages(80, recipe=RECIPES["v18"])
+    assert v18[:11] == v17 and v18[11] == dataclasses.replace(v17[10], name="stage3j")
