@@ -341,14 +341,15 @@ def bundled_int4(bundled):
 def test_int4_quality_on_the_bundled_model(bundled_int4):
     """Random weights are the worst case for 4 bits (the tiny model's image KL is ~2.4); what users run
     is trained weights. On the bundled ShapesWorld model int4's answers stay within int8's bounds, and
-    fewer bits lose more than int8. Measured (6 scenes): text KL int4 5.1e-4 / int8 2.9e-5 (v15)."""
+    fewer bits lose more than int8. Measured (6 scenes): text KL int4 4.1e-4 / int8 2.7e-5 (v17)."""
     r = bundled_int4
     assert r["int4"]["text"]["kl_mean"] < TEXT_KL
     assert r["int4"]["image"]["kl_mean"] > r["int8"]["image"]["kl_mean"]  # fewer bits, more loss
 
 
-@pytest.mark.xfail(strict=True, reason="known: the bundled v15 is sharper than v12: at its CFG 3 int4's image KL is 0.054 "
-                                       "against the bound of 0.05 (int8 0.018), with the image head in float (v12: 0.042)")
+@pytest.mark.xfail(strict=True, reason="known: the bundled v17 (like v15) is sharper than v12: at its CFG 3 int4's image KL "
+                                       "is 0.057 against the bound of 0.05 (int8 0.022), with the image head in float (v12: "
+                                       "0.042; v15: 0.054). Held out, int4 scores as fp32 (README, Thirteenth session)")
 def test_int4_image_quality_on_the_bundled_model_at_its_defaults(bundled_int4):
     """int4's image distributions stay within int8's bound at the model's own CFG (v12 at CFG 3: 0.042; 0.051,
     over the bound, while int4 also put the image head in int8, which CFG amplifies; see ``quantized_part``)."""
@@ -388,8 +389,8 @@ def test_decode_path_quality_on_the_bundled_model(decode_path):
     assert r["kl_mean"] < IMG_KL and r["greedy_agreement"] >= AGREEMENT
 
 
-@pytest.mark.xfail(strict=True, reason="known: through the decode path at the bundled v15's CFG 3 int4's image KL is "
-                                       "0.056 against the bound of 0.05 (v12: 0.038; see the test above)")
+@pytest.mark.xfail(strict=True, reason="known: through the decode path at the bundled v17's CFG 3 int4's image KL is "
+                                       "0.076 against the bound of 0.05 (v12: 0.038, v15: 0.056; see the test above)")
 def test_int4_decode_path_quality_on_the_bundled_model(decode_path):
     """int4 through the decode path, KL only (near-tied codes of the noisy VQ flip under 4-bit weights)."""
     assert decode_path["int4"]["kl_mean"] < IMG_KL
