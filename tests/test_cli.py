@@ -134,7 +134,8 @@ def test_train_recipes_are_the_registrys():
     import inspect
 
     from zuoyou.cli import build_parser
-    from zuoyou.train.shapes import RECIPES, run
+    from zuoyou.train.recipes import RECIPES
+    from zuoyou.train.shapes import run
 
     train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
     shapes = next(a for a in train._actions if a.dest == "what").choices["shapes"]

@@ -17,37 +17,8 @@ Steps (each resumable; the output folder holds every intermediate):
 3. generation defaults (CFG, temperature) chosen on validation prompts (seeds disjoint from the
    evaluation), written to ``generation_defaults.json``; then the final evaluations.
 
-Eighteen recipes (``RECIPES``); ``v17``, the default, built the bundled model, ``v15`` the one before, ``v1`` the first.
-``v2`` gives a far better VQ (every patch content one code: H(code | patch) 0.20 instead of 5.6 nats; 98.6 % instead
-of 93.3 % exact reconstructions), multi-question dialogues, more generation data and ``gen_embed``
-started from the codebook; but its LM learned to use the prompt far more slowly (measured:
-README, "Measured results"), so it is kept as an option, not the default. ``v3`` is v1's VQ with a
-pre-trained understanding encoder, 1-2 questions per image, more generation data (2:1:7 / 3:1:6)
-and a compiled trunk (~20 % faster steps). ``v4`` is v3 with a 256-wide ``gen_embed`` drawn from
-N(0, 1): Janus's 8-wide one, drawn like every weight from N(0, 0.02), fed image codes into the LM at
-norm ~0.003 through the aligner (text tokens: ~0.32), and the model could hardly tell which codes
-it had drawn (measured: README, "Recipe v4"). ``v5`` is v4 plus a fourth stage, a warm restart of SFT
-(70 min, lr 3e-4 -> 2 %, 70 % GenEval-style prompts): lower losses, the same held-out scores (README,
-"Recipe v5"). ``v6`` is v4 with the understanding encoder pre-trained 24 minutes instead of 8 (held-out objects
-classified exactly: 99.1 % instead of 74 %): held-out VQA 0.753 instead of 0.513, GenEval-style 0.394
-instead of 0.359 (README, "Recipe v6"). ``v7`` is v6 on v2's VQ, with the encoder also taught each object's place on
-the canvas: a perfect encoder (100 % of held-out images exact, relations read off it 99.4 % right), but
-its LM learned question answering far more slowly, even with the scene given in words (README, "Recipe
-v7"); stopped after stage 2, not the default. ``v8`` is v6 with that canvas label alone: relations stayed at
-chance (held out 0.539), VQA 0.700 and GenEval-style 0.366, with a third fewer stage-3 steps than v6 (README,
-"Recipe v8"); not the default. ``v9`` is v6 with 80 % GenEval-style prompts among the generation examples of
-stages 2 and 3 instead of 50 % (README, "Recipe v9"): held out VQA 0.815 instead of 0.753, GenEval-style 0.384
-(each image drawn once; v6 0.394) and 0.587 with its default of each image the best of four by its own answers
-(v6 the same way: 0.530). ``v10`` is v9 with 25 more minutes of SFT (lr warmed back up to 3e-4): held out VQA 0.855,
-GenEval-style 0.439 drawn once and 0.587 with the self-check (README, "Recipe v10"). ``v11`` and ``v12`` add a second and a
-third such restart: held out VQA 0.875 and 0.888, GenEval-style drawn once 0.425 and 0.450, with the self-check
-0.634 and 0.656 (README, "Recipes v11 and v12"). ``v13``, ``v14`` and ``v15`` add a fourth, fifth and sixth, whose
-two-object scenes come in the named order (``in_named_order``): held out GenEval-style drawn once 0.488, 0.517 and
-0.573, with the self-check 0.677, 0.734 and 0.724, VQA 0.893, 0.897 and 0.912 (README, "Twelfth session"). ``v16``,
-``v17`` and ``v18`` add a seventh, eighth and ninth in the named order, whose GenEval-style prompts favour the weak
-categories (``Recipe.category_weights``: two objects and counting x1.5, colour attribution x2): held out drawn once
-0.573, 0.602 and 0.606, with the self-check 0.740, 0.797 and 0.799, VQA 0.912, 0.915 and 0.905 (README, "Thirteenth
-session"; v18's last stage ran 1047 steps on a machine shared with a test run, v17's 1541).
+The recipes (``RECIPES``, ``v17`` the default and the bundled model's) and what each one measured are in
+``zuoyou.train.recipes``.
 """
 
 from __future__ import annotations
@@ -56,7 +27,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -72,122 +43,15 @@ from ..tokenizer import train_tokenizer
 from .batch import Example, conversation, generation_example
 from .checkpoint import load_checkpoint, save_checkpoint
 from .loop import Stage, train
+from .recipes import PROMPT_SHARE, RECIPES, Recipe
 from .vq import code_entropy, consolidate_codes, encode_scenes, reconstruction_parse_rate, scenes_to_tensor, train_vq
 
 TRAIN_SEED = 1  # evaluation uses other seeds (zuoyou.evals.shapes)
 CFG_DROPOUT = 0.1
 RECON_SHARE = 0.3  # understanding images replaced by their VQ reconstruction
-PROMPT_SHARE = 0.5  # generation examples with a GenEval-style prompt (the rest: captions of random scenes)
 BEST_OF = 4  # generation default: candidates per image, ranked by the model's own check (README "Self-check")
 
 
-@dataclass
-class Recipe:
-    vq: dict  # extra ``train_vq`` arguments
-    fold_codes: bool  # ``consolidate_codes`` after VQ training
-    shares: tuple[float, float, float]  # of the LM budget, per stage
-    mixes: tuple  # und:text:gen of stages 2 and 3 (stage 1 is 1:0:3, simple prompts)
-    questions: tuple[int, ...]  # questions per understanding/text example, drawn uniformly
-    embed_from_codebook: bool  # gen_embed starts as a copy of the VQ codebook
-    minutes: float
-    vq_minutes: float
-    encoder_minutes: float = 0.0  # understanding-encoder pre-training (``zuoyou.train.vit``); 0 = none
-    compile: bool = False  # compiled trunk in the LM stages (``train(compile=True)``)
-    gen_embed_dim: int = 8  # width of ``gen_embed`` (config ``gen_vision_config.params.n_embed``; Janus: 8)
-    gen_embed_std: float = 0.02  # its init scale
-    # (v5) a fourth stage after stage 3: a warm restart of SFT, (minutes, peak lr, GenEval-style prompt
-    # share of its generation examples); its minutes come on top of ``minutes``
-    stage3b: tuple[float, float, float] | None = None
-    restarts: int = 1  # (v11) how many such warm restarts follow one another: stage3b, stage3c, ...
-    # (v7) the encoder's pre-training also reads each object's place on the canvas (``zuoyou.train.vit``)
-    encoder_absolute: bool = False
-    # share of GenEval-style prompts (the rest: captions of random scenes) among stage 2 and 3's generation examples
-    prompt_share: float = PROMPT_SHARE
-    # (v13) stages whose two-object prompts (two_object, color_attr) get scenes drawn in the named order: the
-    # first-named object is met first in raster order (``in_named_order``)
-    named_order: tuple[str, ...] = ()
-    # (v16) stages whose GenEval-style prompts draw their category with these weights (in the order of
-    # ``CATEGORIES``) instead of uniformly
-    category_weights: tuple[float, ...] | None = None
-    weighted: tuple[str, ...] = ()
-
-
-RECIPES = {
-    "v1": Recipe({}, False, (0.08, 0.43, 0.49), ((2, 3, 5), (5, 1, 4)), (1,), False, 77.0, 26.0),
-    "v2": Recipe({"consistency": 1.0, "min_code_dist": 0.05, "per_content_pool": True}, True, (0.08, 0.40, 0.52),
-                 ((2, 1, 5), (3, 1, 6)), (1, 2, 3), True, 85.0, 25.0),
-    # v1's VQ, a pre-trained understanding encoder, so fewer understanding and more generation examples
-    "v3": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 72.0, 26.0, 8.0, True),
-    # v3 with a 256-wide gen_embed drawn from N(0, 1): an 8-d input at norm ~0.003 hid which code came before
-    "v4": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 8.0, True, 256, 1.0),
-    # v4, then 70 more minutes of SFT: lr back up to 3e-4 and down again, 70 % GenEval-style prompts
-    "v5": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 8.0, True, 256, 1.0,
-                 (70.0, 3e-4, 0.7)),
-    # v4 with the understanding encoder pre-trained 3x longer (24 min): it still learned at 8 min (74 % of
-    # held-out objects exact) and the bundled model's answers fail on shapes (what shape is the red object: 27 %)
-    "v6": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256, 1.0),
-    # v6 on v2's deterministic VQ (one code per patch content, 98.6 % exact): v2's LM fed those codes in
-    # through an 8-d embedding at a tiny scale; v4's wide input was never tried with them in a full run.
-    # And the encoder learns where each object is on the canvas: v6 answered relations at chance
-    "v7": Recipe({"consistency": 1.0, "min_code_dist": 0.05, "per_content_pool": True}, True, (0.08, 0.42, 0.50),
-                 ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 25.0, 24.0, True, 256, 1.0, encoder_absolute=True),
-    # v6 with v7's encoder label alone (each object's place on the canvas), on v6's VQ: v7's encoder read
-    # relations right (99.4 %) but its deterministic codes stalled the LM, so the label was never tested
-    "v8": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256, 1.0,
-                 encoder_absolute=True),
-    # v6 with 80 % GenEval-style prompts among stage 2 and 3's generation examples (v6: 50 %): in 22-minute
-    # generation-only probes, template prompts alone scored 1.5-1.7x half templates, half captions (README,
-    # "Ninth session"); a fifth of captions is kept so that sizes and relations in users' prompts stay known
-    "v9": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256, 1.0,
-                 prompt_share=0.8),
-    # v9, then 25 more minutes of SFT (lr back up to 3e-4, cosine to 2 %): in a tenth-session probe that
-    # continued v9 so (half its generation examples its own judged-correct drawings), validation VQA rose
-    # from 0.837 to 0.875 (descriptions 0.600 -> 0.727) while the drawing stayed where it was
-    "v10": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), prompt_share=0.8),
-    # v10, then a second such restart (stage3c): v10's one lifted held-out VQA from 0.815 to 0.855 and
-    # single drawings from 0.384 to 0.439, and "does still longer SFT keep paying" was open
-    "v11": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=2, prompt_share=0.8),
-    # v11 with a third restart (stage3d): v11's second one still lifted held-out VQA (0.855 -> 0.875) and the
-    # self-checked drawings (0.587 -> 0.634)
-    "v12": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=3, prompt_share=0.8),
-    # v12 with a fourth restart (stage3e) whose two-object scenes come in the named order: v12 draws each of two
-    # objects' shapes from the named pair as if independently (validation, drawn once, two-object drawings: 58 %
-    # repeat a named shape, 48 % of the rest have the first-named one first); in the named order the second
-    # object is "the second one named" rather than "the one not yet drawn"
-    "v13": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=4, prompt_share=0.8, named_order=("stage3e",)),
-    # v13 with a fifth restart (stage3f), also in the named order: v13's one took held-out two-object drawings
-    # (drawn once) from 0.208 to 0.438, but colour attribution only from 0.031 to 0.073 (shapes now come in
-    # the named order, their colours not yet)
-    "v14": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=5, prompt_share=0.8, named_order=("stage3e", "stage3f")),
-    # v14 with a sixth restart (stage3g) in the named order: v14's held out two-object drawings 0.427 drawn once
-    # (v13 0.438), with the self-check 0.734 overall (v13 0.677)
-    "v15": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=6, prompt_share=0.8, named_order=("stage3e", "stage3f", "stage3g")),
-    # v15 with a seventh restart (stage3h) in the named order whose GenEval-style prompts favour the weak categories
-    # (two objects and counting x1.5, colour attribution x2): v15 on validation, drawn once, two objects 0.41,
-    # counting 0.42, colour attribution 0.08 at any CFG 3-8 / T 0.3-1.0 (the others 0.73-0.90)
-    "v16": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=7, prompt_share=0.8,
-                  named_order=("stage3e", "stage3f", "stage3g", "stage3h"), category_weights=(1, 1.5, 1.5, 1, 1, 2),
-                  weighted=("stage3h",)),
-    # v16 with an eighth restart (stage3i), weighted the same way: v16's one took held-out colour attribution from 0.083
-    # to 0.146 drawn once (0.260 to 0.385 with the self-check), single objects from 0.854 to 0.760
-    "v17": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=8, prompt_share=0.8,
-                  named_order=("stage3e", "stage3f", "stage3g", "stage3h", "stage3i"),
-                  category_weights=(1, 1.5, 1.5, 1, 1, 2), weighted=("stage3h", "stage3i")),
-    # v17 with a ninth restart (stage3j), weighted the same way: v17's one took held-out GenEval-style with the
-    # self-check from 0.740 to 0.797 (drawn once 0.573 to 0.602)
-    "v18": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=9, prompt_share=0.8,
-                  named_order=("stage3e", "stage3f", "stage3g", "stage3h", "stage3i", "stage3j"),
-                  category_weights=(1, 1.5, 1.5, 1, 1, 2), weighted=("stage3h", "stage3i", "stage3j")),
-}
 
 NAMED_ORDER = ("two_object", "color_attr")  # the prompt categories ``in_named_order`` applies to
 CODE_PX = 8  # side of one VQ code in pixels (64 x 64 canvas, 8 x 8 codes)
