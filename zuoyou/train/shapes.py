@@ -93,14 +93,16 @@ class ShapesData:
         proc = self.processor
         if kind == "gen":
             simple = stage.options.get("simple", False)
+            share = stage.options.get("prompt_share", PROMPT_SHARE)
+            weights = stage.options.get("category_weights")  # None: uniform, drawing no extra random number
+            named = stage.options.get("named_order", False)
             scenes, prompts = [], []
             for _ in range(n):
-                if rng.random() < stage.options.get("prompt_share", PROMPT_SHARE):  # a GenEval-style prompt, a scene satisfying it
-                    weights = stage.options.get("category_weights")
-                    cat = rng.choices(CATEGORIES, weights)[0] if weights else None  # (None: older streams unchanged)
+                if rng.random() < share:  # a GenEval-style prompt, a scene satisfying it
+                    cat = rng.choices(CATEGORIES, weights)[0] if weights else None
                     p = sample_prompt(rng, rng.choice(["single_object", "colors"]) if simple else cat)
                     scene, text = scene_for_prompt(rng, p), p.text
-                    if stage.options.get("named_order") and p.category in NAMED_ORDER:
+                    if named and p.category in NAMED_ORDER:
                         scene = in_named_order(scene, p)
                 else:  # a richer caption of a random scene
                     scene = sample_scene(rng, n=1 if simple else None)
