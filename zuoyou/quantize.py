@@ -180,7 +180,7 @@ class Int4Linear(nn.Module):
         return next((g for g in INT4_GROUPS if inp % g == 0), None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: int, rows: int = 2048, kernel: str | None = None) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear, group: int, rows: int = 128, kernel: str | None = None) -> "Int4Linear":
         """``kernel``: "vnni", "aten", or None = "vnni" where it is available and fits (the VNNI kernel
         computes in bf16: an fp16 model keeps ATen's kernel)."""
         w = linear.weight.detach()
@@ -192,8 +192,7 @@ class Int4Linear(nn.Module):
         low = torch.empty(out, inp // group, dtype=compute)
         for i in range(0, out, rows):  # bounded fp32 temporaries
             wg = w[i:i + rows].float().reshape(-1, inp // group, group)  # (r, G, g)
-            lo, hi = wg.amin(-1), wg.amax(-1)
-            s = ((hi - lo) / 15).clamp(min=1e-8).to(compute).float()  # quantise against the stored values
+            s, lo = fit_int4(wg, compute)  # quantise against the stored values
             if kernel == "vnni":
                 low[i:i + rows] = lo.to(compute)
                 base = low[i:i + rows].float()
@@ -260,6 +259,36 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, kernel={self.kernel}"
+
+
+def fit_int4(wg: torch.Tensor, compute: torch.dtype, levels: int = 15, iters: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the affine grid ``w ~ q * scale + low`` (q in 0..levels) with the least squared error:
+    wg (r, G, g) fp32 -> (scale, low), each (r, G) fp32 holding values of ``compute``.
+
+    Min-max (scale = range / 15) spends grid points on the extreme weights. Instead, starting from the
+    min-max codes, refit scale and low by least squares to the codes (linear regression of w on q) and
+    requantise, a few times, keeping per group the best grid seen (the idea of llama.cpp's k-quants,
+    without their weights). Data-free; the kernels and the format do not change."""
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    span = (hi - lo).clamp(min=1e-8)
+
+    def requantise(s, b):
+        s, b = s.clamp(min=1e-8).to(compute).float(), b.to(compute).float()
+        q = torch.round((wg - b[..., None]) / s[..., None]).clamp_(0, levels)  # (r, G, g)
+        return s, b, q, (q * s[..., None] + b[..., None] - wg).pow_(2).sum(-1)
+
+    best_s, best_b, q, best_e = requantise(span / levels, lo)
+    wm = wg.mean(-1)
+    for _ in range(iters):
+        qm = q.mean(-1)
+        qc = q - qm[..., None]
+        var = qc.pow(2).mean(-1)
+        s = (qc * (wg - wm[..., None])).mean(-1) / var.clamp(min=1e-12)
+        s = torch.where((var > 0) & (s > 0), s, span / levels)
+        s, b, q, e = requantise(s, wm - s * qm)
+        better = e < best_e
+        best_s, best_b, best_e = best_s.where(~better, s), best_b.where(~better, b), best_e.where(~better, e)
+    return best_s, best_b
 
 
 def quantize_linears(module: nn.Module, mode: str = "int8") -> int:

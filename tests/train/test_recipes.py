@@ -128,3 +128,12 @@ def test_recipe_v18_is_v17_with_a_ninth_restart_weighted_the_same_way():
         weighted=("stage3h", "stage3i", "stage3j"))
     v17, v18 = stages(80, recipe=RECIPES["v17"]), stages(80, recipe=RECIPES["v18"])
     assert v18[:11] == v17 and v18[11] == dataclasses.replace(v17[10], name="stage3j")
+
+
+def test_recipe_v19_is_v18_with_crowded_scenes_in_its_last_stage():
+    import dataclasses
+
+    assert RECIPES["v19"] == dataclasses.replace(RECIPES["v18"], crowded_share=0.1, crowded=("stage3j",))
+    v18, v19 = stages(80, recipe=RECIPES["v18"]), stages(80, recipe=RECIPES["v19"])
+    assert v19[:11] == v18[:11]
+    assert v19[11] == dataclasses.replace(v18[11], options={**v18[11].options, "crowded_share": 0.1})

@@ -188,3 +188,45 @@ def test_category_weights_set_the_share_of_each_prompt_category(monkeypatch):
     counts = collections.Counter(parse_prompt(t).category for t in texts)
     for category, w in zip(CATEGORIES, weights):
         assert abs(counts[category] / 4000 - w / sum(weights)) < 0.03, (category, counts)
+
+
+def test_crowded_scenes_have_five_or_six_objects_and_their_counts():
+    """Crowded training scenes (past the world's four) are valid scenes the judge reads back, asked their counts."""
+    import collections
+    import random
+
+    from zuoyou.shapes import NUMBERS, SHAPES, boxes_ok, parse_image, render_image
+    from zuoyou.shapes.language import plural
+    from zuoyou.train.shapes import PAST_FOUR, crowded
+
+    words = (*NUMBERS, *PAST_FOUR)
+    rng, sizes, one_shape = random.Random(3), collections.Counter(), 0
+    for _ in range(200):
+        scene, qas = crowded(rng)
+        assert len(scene) in (5, 6) and boxes_ok(scene.objects)
+        seen = parse_image(render_image(scene))
+        assert collections.Counter((o.shape, o.color, o.size) for o in seen) == collections.Counter(
+            (o.shape, o.color, o.size) for o in scene.objects)
+        answers = dict(qas)
+        assert answers.pop("How many objects are there?") == words[len(scene)]
+        (q, a), = answers.items()
+        shape, = (s for s in SHAPES if q == f"How many {plural(s)} are there?")
+        assert a == words[sum(o.shape == shape for o in scene.objects)]
+        sizes[len(scene)] += 1
+        one_shape += len({o.shape for o in scene.objects}) == 1
+    assert min(sizes.values()) > 60 and 60 < one_shape < 140
+
+
+def test_crowded_share_replaces_that_share_of_understanding_examples(data, monkeypatch):
+    """A stage with ``crowded_share`` makes that share of its understanding examples crowded scenes' counts;
+    without it, the data stream is the one recipes before v19 were trained on."""
+    import random
+
+    from zuoyou.train.loop import Stage
+
+    monkeypatch.setattr(ShapesData, "_dialogue", lambda self, qas, image, prefix="": qas)
+    plain = data.examples("und", 300, random.Random(2), Stage("s", lr=1e-3))
+    assert plain == data.examples("und", 300, random.Random(2), Stage("s", lr=1e-3, options={"crowded_share": 0.0}))
+    mixed = data.examples("und", 300, random.Random(2), Stage("s", lr=1e-3, options={"crowded_share": 0.25}))
+    past_four = sum(any(a in ("five", "six") for _, a in qas) for qas in mixed)
+    assert 0.15 < past_four / 300 < 0.35 and not any(a in ("five", "six") for qas in plain for _, a in qas)

@@ -150,11 +150,12 @@ def _pick(rng: random.Random, fixed, i: int, choices):
 
 
 def sample_scene(rng: random.Random, n: int | None = None, shapes=None, colors=None,
-                 sizes=None, max_tries: int = 1000) -> Scene:
+                 sizes=None, max_tries: int = 1000, max_objects: int = 4) -> Scene:
     """Sample a valid random scene.
 
     ``n`` objects (when None: the length of the given attribute lists, else uniform in
-    1..4).  ``shapes``, ``colors`` and ``sizes`` are
+    1..4).  ``max_objects`` above the world's 4 is for training only (crowded scenes that
+    teach counts past four, ``zuoyou.train.shapes.crowded_example``).  ``shapes``, ``colors`` and ``sizes`` are
     optional per-object lists of length ``n`` fixing attributes (``None`` entries stay
     random).  Attributes are drawn first, then positions are rejection-sampled
     (restarting the placement after a dead end) within ``max_tries`` attempts in all;
@@ -163,8 +164,8 @@ def sample_scene(rng: random.Random, n: int | None = None, shapes=None, colors=N
     if n is None:
         lengths = {len(x) for x in (shapes, colors, sizes) if x is not None}
         n = lengths.pop() if len(lengths) == 1 else rng.randint(1, 4)
-    if not 1 <= n <= 4:
-        raise ValueError(f"a scene holds 1 to 4 objects, not {n}")
+    if not 1 <= n <= max_objects:
+        raise ValueError(f"a scene holds 1 to {max_objects} objects, not {n}")
     for name, fixed, allowed in (("shapes", shapes, SHAPES), ("colors", colors, COLORS),
                                  ("sizes", sizes, SIZES)):
         if fixed is not None:
