@@ -103,11 +103,9 @@ def int8_cache_on_bundled():
     return m, measure
 
 
-@pytest.mark.xfail(strict=True, reason="known since the bundled v17: on these random codes the int8 cache's KL is 0.002 "
-                                       "but 5 of 64 argmaxes flip (agreement 0.922 < 0.95), each where the reference's "
-                                       "top two are within 0.011-0.063 nats (median gap 0.44); v15 passed")
 def test_bundled_model_decodes_alike_with_the_int8_cache(int8_cache_on_bundled):
-    """Teacher-forced CFG logits of 64 image codes along the decode path: int8 cache vs the model's."""
+    """Teacher-forced CFG logits of 64 image codes along the decode path: int8 cache vs the model's. The bundled v21:
+    KL 0.0029, agreement 0.984. (v17 failed it: KL 0.002, but 5 of 64 argmaxes flipped at near-ties, 0.922.)"""
     m, measure = int8_cache_on_bundled
     codes = torch.randint(0, m.config.image_token_size, (64,), generator=torch.Generator().manual_seed(0))
     q = measure(codes)
@@ -115,7 +113,8 @@ def test_bundled_model_decodes_alike_with_the_int8_cache(int8_cache_on_bundled):
 
 
 def test_bundled_model_decodes_real_scenes_alike_with_the_int8_cache(int8_cache_on_bundled):
-    """The same check on the codes of real scenes (what the model draws) rather than random codes."""
+    """The same check on the codes of real scenes (what the model draws) rather than random codes (v21: KL
+    0.0005-0.0013, agreement 0.953-0.984)."""
     import random
 
     from zuoyou.shapes import sample_scene

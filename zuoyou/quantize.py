@@ -155,7 +155,8 @@ class Int4Linear(nn.Module):
       ``w = (q - 8) * scale + zero``), elsewhere. Needs ``out % 16 == 0`` and ``in % group == 0``.
     Inputs of more rows than the kernel is fast for (prefill: ``PACK_MAX_ROWS``, VNNI ``VNNI_MAX_ROWS``)
     unpack the weights and run one bf16 GEMM.
-    Layers that fit neither kernel stay int8 (``Int4Linear.group_for``).
+    Layers that fit neither kernel stay int8 (``Int4Linear.group_for``). Each group's grid is fit by least
+    squares (``fit_int4``), not set by its min and max.
     """
 
     def __init__(self, packed: torch.Tensor, scales: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
@@ -268,7 +269,14 @@ def fit_int4(wg: torch.Tensor, compute: torch.dtype, levels: int = 15, iters: in
     Min-max (scale = range / 15) spends grid points on the extreme weights. Instead, starting from the
     min-max codes, refit scale and low by least squares to the codes (linear regression of w on q) and
     requantise, a few times, keeping per group the best grid seen (the idea of llama.cpp's k-quants,
-    without their weights). Data-free; the kernels and the format do not change."""
+    without their weights). Data-free; the kernels and the format do not change.
+
+    Measured (fourteenth session): on the bundled model at its CFG 3, int4's image KL 0.057 -> 0.051 and through
+    the decode path 0.076 -> 0.066 (``tests/test_quantize.py``); relative squared error of an N(0, 1) 2048 x 5632
+    weight 0.00405 -> 0.00381. Quantising that weight takes 0.089 s instead of 0.023 s (128 rows at a time; at
+    2048 rows the temporaries leave the caches: 0.22 s), about 5 s more for Janus-Pro-1B's decoder. Not kept:
+    three refits instead of one (the same KL), each input channel weighted by its RMSNorm gain squared (0.053),
+    or by its mean squared activation on a few drawings (0.047, but it needs calibration data at load)."""
     lo, hi = wg.amin(-1), wg.amax(-1)
     span = (hi - lo).clamp(min=1e-8)
 

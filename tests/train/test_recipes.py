@@ -137,3 +137,23 @@ def test_recipe_v19_is_v18_with_crowded_scenes_in_its_last_stage():
     v18, v19 = stages(80, recipe=RECIPES["v18"]), stages(80, recipe=RECIPES["v19"])
     assert v19[:11] == v18[:11]
     assert v19[11] == dataclasses.replace(v18[11], options={**v18[11].options, "crowded_share": 0.1})
+
+
+def test_recipe_v20_is_v19_with_its_own_drawings_in_its_last_stage():
+    import dataclasses
+
+    assert RECIPES["v20"] == dataclasses.replace(RECIPES["v19"], own_share=0.2, own=("stage3j",))
+    v19, v20 = stages(80, recipe=RECIPES["v19"]), stages(80, recipe=RECIPES["v20"])
+    assert v20[:11] == v19[:11]
+    assert v20[11] == dataclasses.replace(v19[11], options={**v19[11].options, "own_share": 0.2, "own_pool": 2048})
+
+
+def test_recipe_v21_is_v20_with_a_tenth_restart_of_the_same_kind():
+    import dataclasses
+
+    v20 = RECIPES["v20"]
+    assert RECIPES["v21"] == dataclasses.replace(
+        v20, restarts=10, named_order=v20.named_order + ("stage3k",), weighted=v20.weighted + ("stage3k",),
+        crowded=("stage3j", "stage3k"), own=("stage3j", "stage3k"))
+    a, b = stages(80, recipe=v20), stages(80, recipe=RECIPES["v21"])
+    assert b[:12] == a and b[12] == dataclasses.replace(a[11], name="stage3k")

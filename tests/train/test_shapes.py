@@ -190,33 +190,6 @@ def test_category_weights_set_the_share_of_each_prompt_category(monkeypatch):
         assert abs(counts[category] / 4000 - w / sum(weights)) < 0.03, (category, counts)
 
 
-def test_crowded_scenes_have_five_or_six_objects_and_their_counts():
-    """Crowded training scenes (past the world's four) are valid scenes the judge reads back, asked their counts."""
-    import collections
-    import random
-
-    from zuoyou.shapes import NUMBERS, SHAPES, boxes_ok, parse_image, render_image
-    from zuoyou.shapes.language import plural
-    from zuoyou.train.shapes import PAST_FOUR, crowded
-
-    words = (*NUMBERS, *PAST_FOUR)
-    rng, sizes, one_shape = random.Random(3), collections.Counter(), 0
-    for _ in range(200):
-        scene, qas = crowded(rng)
-        assert len(scene) in (5, 6) and boxes_ok(scene.objects)
-        seen = parse_image(render_image(scene))
-        assert collections.Counter((o.shape, o.color, o.size) for o in seen) == collections.Counter(
-            (o.shape, o.color, o.size) for o in scene.objects)
-        answers = dict(qas)
-        assert answers.pop("How many objects are there?") == words[len(scene)]
-        (q, a), = answers.items()
-        shape, = (s for s in SHAPES if q == f"How many {plural(s)} are there?")
-        assert a == words[sum(o.shape == shape for o in scene.objects)]
-        sizes[len(scene)] += 1
-        one_shape += len({o.shape for o in scene.objects}) == 1
-    assert min(sizes.values()) > 60 and 60 < one_shape < 140
-
-
 def test_crowded_share_replaces_that_share_of_understanding_examples(data, monkeypatch):
     """A stage with ``crowded_share`` makes that share of its understanding examples crowded scenes' counts;
     without it, the data stream is the one recipes before v19 were trained on."""
@@ -230,3 +203,36 @@ def test_crowded_share_replaces_that_share_of_understanding_examples(data, monke
     mixed = data.examples("und", 300, random.Random(2), Stage("s", lr=1e-3, options={"crowded_share": 0.25}))
     past_four = sum(any(a in ("five", "six") for _, a in qas) for qas in mixed)
     assert 0.15 < past_four / 300 < 0.35 and not any(a in ("five", "six") for qas in plain for _, a in qas)
+
+
+def test_own_share_reads_the_stage_pool_of_the_models_judged_drawings(data, monkeypatch):
+    """A stage with ``own_share`` draws its pool once (``own_pool`` drawings, seeded by the stage's name) and makes
+    that share of its understanding examples those drawings, asked what the judge found in them."""
+    import random
+
+    from zuoyou.shapes import sample_scene
+    from zuoyou.train.loop import Stage
+    from zuoyou.train.shapes import scenes_to_tensor
+
+    rng = random.Random(0)
+    scenes = [sample_scene(rng) for _ in range(8)]
+    pool = [(img, list(s.objects)) for img, s in zip(scenes_to_tensor(scenes), scenes)]
+    calls = []
+    monkeypatch.setattr(ShapesData, "_dialogue", lambda self, qas, image, prefix="": (qas, image))
+    own = ShapesData(data.processor, data.vq, draw=lambda n, seed: calls.append((n, seed)) or pool)
+    stage = Stage("s3", lr=1e-3, options={"own_share": 0.5, "own_pool": 8})
+    out = own.examples("und", 200, random.Random(2), stage) + own.examples("und", 200, random.Random(3), stage)
+    assert len(calls) == 1 and calls[0][0] == 8
+    taken = [next((k for k, (img, _) in enumerate(pool) if torch.equal(img, image)), None) for _, image in out]
+    assert 0.4 < sum(k is not None for k in taken) / 400 < 0.6
+    for (qas, _), k in zip(out, taken):
+        if k is not None:
+            objs = pool[k][1]
+            for q, a in qas:
+                if q == "How many objects are there?":
+                    assert a == ("zero", "one", "two", "three", "four")[len(objs)]
+    other = Stage("s4", lr=1e-3, options={"own_share": 0.5, "own_pool": 8})
+    own.examples("und", 10, random.Random(4), other)
+    assert len(calls) == 2 and calls[1][1] != calls[0][1]
+    with pytest.raises(ValueError, match="no draw"):
+        data.examples("und", 10, random.Random(4), other)

@@ -17,7 +17,7 @@ Steps (each resumable; the output folder holds every intermediate):
 3. generation defaults (CFG, temperature) chosen on validation prompts (seeds disjoint from the
    evaluation), written to ``generation_defaults.json``; then the final evaluations.
 
-The recipes (``RECIPES``, ``v17`` the default and the bundled model's) and what each one measured are in
+The recipes (``RECIPES``, ``v21`` the default and the bundled model's) and what each one measured are in
 ``zuoyou.train.recipes``.
 """
 
@@ -27,6 +27,7 @@ import json
 import random
 import shutil
 import time
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,19 +38,20 @@ from ..loading import save_model
 from ..models.janus import Janus, build
 from ..models.vq import VQModel
 from ..processor import Message, Processor
-from ..shapes import (CATEGORIES, NUMBERS, SHAPES, Prompt, Scene, caption, describe, sample_prompt, sample_question,
-                      sample_scene, scene_for_prompt)
-from ..shapes.language import question
+from ..shapes import (CATEGORIES, Prompt, Scene, caption, describe, sample_prompt, sample_question, sample_scene,
+                      scene_for_prompt)
 from ..tokenizer import train_tokenizer
 from .batch import Example, conversation, generation_example
 from .checkpoint import load_checkpoint, save_checkpoint
 from .loop import Stage, train
+from .reading import crowded, judged_questions, own_drawings
 from .recipes import PROMPT_SHARE, RECIPES, Recipe
 from .vq import code_entropy, consolidate_codes, encode_scenes, reconstruction_parse_rate, scenes_to_tensor, train_vq
 
 TRAIN_SEED = 1  # evaluation uses other seeds (zuoyou.evals.shapes)
 CFG_DROPOUT = 0.1
 RECON_SHARE = 0.3  # understanding images replaced by their VQ reconstruction
+OWN_SEED = 31_000_000  # prompts and sampling of the model's own drawings (training's; evaluation uses others)
 BEST_OF = 4  # generation default: candidates per image, ranked by the model's own check (README "Self-check")
 
 
@@ -65,28 +67,6 @@ def in_named_order(scene: Scene, prompt: Prompt) -> Scene:
     objs = sorted(scene.objects, key=lambda o: (o.y0 // CODE_PX, o.x0))
     named = [replace(o, shape=shp, color=col or o.color) for o, (shp, col) in zip(objs, prompt.objects)]
     return replace(scene, objects=tuple(named))
-
-
-PAST_FOUR = ("five", "six")  # count answers of crowded training scenes (5 or 6 objects)
-
-
-def crowded(rng: random.Random) -> tuple[Scene, list[tuple[str, str]]]:
-    """A training scene of 5 or 6 objects, past the world's four, with its counts asked: ``(scene, [(question,
-    answer), ...])``. Why: asked for "four circles", the bundled v17 draws five or more objects in most of its
-    failed drawings and answers "four" about them with probability ~1 (it never saw more than four), so its
-    self-check cannot reject them. Half of the scenes are all of one shape, like an overshot counting drawing."""
-    n = rng.choice((5, 6))
-    shapes = [rng.choice(SHAPES)] * n if rng.random() < 0.5 else None
-    sizes = ["small" if rng.random() < 0.7 else "large" for _ in range(n)]
-    try:
-        scene = sample_scene(rng, n, shapes=shapes, sizes=sizes, max_objects=6)
-    except RuntimeError:  # large objects that do not fit: all small ones always do
-        scene = sample_scene(rng, n, shapes=shapes, sizes=["small"] * n, max_objects=6)
-    counts = (*NUMBERS, *PAST_FOUR)
-    shape = rng.choice(scene.objects).shape if rng.random() < 0.7 else rng.choice(SHAPES)
-    qas = [(question("count_all"), counts[n]),
-           (question("count_shape", shape), counts[sum(o.shape == shape for o in scene.objects)])]
-    return scene, qas if rng.random() < 0.5 else qas[::-1]
 
 
 def corpus(n: int = 20000, seed: int = TRAIN_SEED):
@@ -107,10 +87,22 @@ def as_drawn(vq: VQModel, images: torch.Tensor) -> torch.Tensor:
 
 
 class ShapesData:
-    """Examples drawn on the fly from the world (infinite, seeded by the loop's RNG)."""
+    """Examples drawn on the fly from the world (infinite, seeded by the loop's RNG). ``draw(n, seed)``, when set,
+    returns the model's own judged drawings (``zuoyou.train.reading.own_drawings``) for stages that read them."""
 
-    def __init__(self, processor: Processor, vq: VQModel, system: str = "", questions: tuple[int, ...] = (1,)):
-        self.processor, self.vq, self.system, self.questions = processor, vq, system, questions
+    def __init__(self, processor: Processor, vq: VQModel, system: str = "", questions: tuple[int, ...] = (1,),
+                 draw=None):
+        self.processor, self.vq, self.system, self.questions, self.draw = processor, vq, system, questions, draw
+        self._pools: dict[str, list] = {}
+
+    def own_pool(self, stage: Stage) -> list:
+        """The stage's pool of the model's own judged drawings, drawn once, on first use, by the model as it is
+        then (seeded by the stage's name, so a resumed stage draws the same prompts)."""
+        if stage.name not in self._pools:
+            if self.draw is None:
+                raise ValueError(f"{stage.name} reads the model's own drawings, but ShapesData was given no draw")
+            self._pools[stage.name] = self.draw(stage.options["own_pool"], OWN_SEED + zlib.crc32(stage.name.encode()))
+        return self._pools[stage.name]
 
     def examples(self, kind: str, n: int, rng: random.Random, stage: Stage) -> list[Example]:
         proc = self.processor
@@ -144,12 +136,22 @@ class ShapesData:
             for i in range(n):
                 if rng.random() < stage.options["crowded_share"]:
                     scenes[i], qas[i] = crowded(rng)
+        own = {}
+        if kind == "und" and stage.options.get("own_share"):  # (v20) the model's own drawings, as the judge reads them
+            pool = self.own_pool(stage)
+            for i in range(n):
+                if rng.random() < stage.options["own_share"]:
+                    img, objs = pool[rng.randrange(len(pool))]
+                    own[i] = img
+                    qas[i] = judged_questions(rng, objs)
         if kind == "und":
             images = scenes_to_tensor(scenes)
             # a share of VQ reconstructions, so that the model also reads images drawn by a model
-            recon = [i for i in range(n) if rng.random() < RECON_SHARE]
+            recon = [i for i in range(n) if rng.random() < RECON_SHARE and i not in own]
             if recon:
                 images[recon] = as_drawn(self.vq, images[recon])
+            for i, img in own.items():
+                images[i] = img
             return [self._dialogue(q, img) for q, img in zip(qas, images)]
         # text-only: the scene is given in words, the questions are the same
         return [self._dialogue(q, None, f"Scene: {describe(s)}.\n") for s, q in zip(scenes, qas)]
@@ -163,7 +165,7 @@ class ShapesData:
         return Example(ids, mask.index(True), image=image, loss_mask=mask)
 
 
-def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v17"]) -> list[Stage]:
+def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v21"]) -> list[Stage]:
     m1, m2, m3 = (share * minutes for share in recipe.shares)
     mix2, mix3 = recipe.mixes
     # a pre-trained encoder stays frozen while the random aligner learns to read it (Janus stage 1)
@@ -186,6 +188,8 @@ def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v17"]
             st.options["category_weights"] = recipe.category_weights
         if st.name in recipe.crowded:
             st.options["crowded_share"] = recipe.crowded_share
+        if st.name in recipe.own:
+            st.options.update(own_share=recipe.own_share, own_pool=recipe.own_pool)
     return out
 
 
@@ -218,7 +222,7 @@ def _init(model: torch.nn.Module, std: float = 0.02):
 
 
 def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None, seed: int = TRAIN_SEED,
-        resume: bool = True, eval_images: int = 4, log=print, recipe: str = "v17") -> dict:
+        resume: bool = True, eval_images: int = 4, log=print, recipe: str = "v21") -> dict:
     """Train everything into ``out``; the loadable model folder is ``out/model``. Budgets default to the recipe's."""
     rec = RECIPES[recipe]
     minutes = rec.minutes if minutes is None else minutes
@@ -266,7 +270,8 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
     if rec.encoder_minutes:
         _pretrained_encoder(model, vq, out, rec.encoder_minutes, seed, report, resume, log, rec.encoder_absolute)
     processor.num_image_tokens = cfg.vision.num_patches
-    data = ShapesData(processor, vq, questions=rec.questions)
+    data = ShapesData(processor, vq, questions=rec.questions,
+                      draw=lambda n, seed: own_drawings(_pipeline(model, processor, None), n, seed, log=log))
 
     def stage_eval(st: Stage) -> dict:
         from ..evals.shapes import quick_eval
