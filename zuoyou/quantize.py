@@ -268,15 +268,15 @@ def fit_int4(wg: torch.Tensor, compute: torch.dtype, levels: int = 15, iters: in
 
     Min-max (scale = range / 15) spends grid points on the extreme weights. Instead, starting from the
     min-max codes, refit scale and low by least squares to the codes (linear regression of w on q) and
-    requantise, a few times, keeping per group the best grid seen (the idea of llama.cpp's k-quants,
+    requantise (``iters`` times), keeping per group the best grid seen (the idea of llama.cpp's k-quants,
     without their weights). Data-free; the kernels and the format do not change.
 
     Measured (fourteenth session): on the bundled model at its CFG 3, int4's image KL 0.057 -> 0.051 and through
-    the decode path 0.076 -> 0.066 (``tests/test_quantize.py``); relative squared error of an N(0, 1) 2048 x 5632
-    weight 0.00405 -> 0.00381. Quantising that weight takes 0.089 s instead of 0.023 s (128 rows at a time; at
-    2048 rows the temporaries leave the caches: 0.22 s); loading Janus-Pro-1B in int4 took ~2 s (4 %) longer. Not kept:
-    three refits instead of one (the same KL), each input channel weighted by its RMSNorm gain squared (0.053),
-    or by its mean squared activation on a few drawings (0.047, but it needs calibration data at load)."""
+    the decode path 0.076 -> 0.066 (v17; ``tests/test_quantize.py``); relative squared error of an N(0, 1)
+    2048 x 5632 weight 0.00405 -> 0.00381. Quantising that weight takes 0.089 s instead of 0.023 s (128 rows at a
+    time; at 2048 rows the temporaries leave the caches: 0.22 s); loading Janus-Pro-1B in int4 took ~2 s (4 %)
+    longer. Not kept: three refits instead of one (the same KL), each input channel weighted by its RMSNorm gain
+    squared (0.053), or by its mean squared activation on a few drawings (0.047, but it needs calibration data at load)."""
     lo, hi = wg.amin(-1), wg.amax(-1)
     span = (hi - lo).clamp(min=1e-8)
 
