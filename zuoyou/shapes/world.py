@@ -155,7 +155,7 @@ def sample_scene(rng: random.Random, n: int | None = None, shapes=None, colors=N
 
     ``n`` objects (when None: the length of the given attribute lists, else uniform in
     1..4).  ``max_objects`` above the world's 4 is for training only (crowded scenes that
-    teach counts past four, ``zuoyou.train.shapes.crowded_example``).  ``shapes``, ``colors`` and ``sizes`` are
+    teach counts past four, ``zuoyou.train.reading.crowded``).  ``shapes``, ``colors`` and ``sizes`` are
     optional per-object lists of length ``n`` fixing attributes (``None`` entries stay
     random).  Attributes are drawn first, then positions are rejection-sampled
     (restarting the placement after a dead end) within ``max_tries`` attempts in all;
