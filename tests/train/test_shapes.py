@@ -210,9 +210,9 @@ def test_own_share_reads_the_stage_pool_of_the_models_judged_drawings(data, monk
     that share of its understanding examples those drawings, asked what the judge found in them."""
     import random
 
-    from zuoyou.shapes import sample_scene
+    from zuoyou.shapes import NUMBERS, sample_scene
     from zuoyou.train.loop import Stage
-    from zuoyou.train.shapes import scenes_to_tensor
+    from zuoyou.train.vq import scenes_to_tensor
 
     rng = random.Random(0)
     scenes = [sample_scene(rng) for _ in range(8)]
@@ -230,7 +230,7 @@ def test_own_share_reads_the_stage_pool_of_the_models_judged_drawings(data, monk
             objs = pool[k][1]
             for q, a in qas:
                 if q == "How many objects are there?":
-                    assert a == ("zero", "one", "two", "three", "four")[len(objs)]
+                    assert a == NUMBERS[len(objs)]
     other = Stage("s4", lr=1e-3, options={"own_share": 0.5, "own_pool": 8})
     own.examples("und", 10, random.Random(4), other)
     assert len(calls) == 2 and calls[1][1] != calls[0][1]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..shapes import CATEGORIES, NUMBERS, SHAPES, Obj, Scene, parse_image, sample_prompt, sample_question, sample_scene
-from ..shapes.language import question
+from ..shapes.language import _applicable, question
 
 PAST_FOUR = ("five", "six")  # count answers past the world's four
 COUNTS = (*NUMBERS, *PAST_FOUR)
@@ -56,16 +56,9 @@ def judged_questions(rng: random.Random, objects: list[Obj]) -> list[tuple[str, 
     applicable type (up to four objects), or the two counts (five or six)."""
     if len(objects) > len(NUMBERS) - 1:
         return count_questions(rng, objects)
-    qtype = rng.choice([t for t in CHECKED if _applies(t, objects)])
+    applicable = _applicable(objects)
+    qtype = rng.choice([t for t in CHECKED if t in applicable])
     return [sample_question(rng, objects, qtype)[1:]]
-
-
-def _applies(qtype: str, objects: list[Obj]) -> bool:
-    if qtype in ("count_all", "count_shape"):
-        return True
-    key = "shape" if qtype == "color_of_shape" else "color"
-    values = [getattr(o, key) for o in objects]
-    return any(values.count(v) == 1 for v in values)
 
 
 @torch.no_grad()

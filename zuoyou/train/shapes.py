@@ -132,19 +132,19 @@ class ShapesData:
         # (a single choice draws no random number, so v1's data stream is the one it was built with)
         count = (lambda: rng.choice(self.questions)) if len(self.questions) > 1 else (lambda: self.questions[0])
         qas = [[sample_question(rng, s)[1:] for _ in range(count())] for s in scenes]
-        if kind == "und" and stage.options.get("crowded_share"):  # (v19) counts past four
-            for i in range(n):
-                if rng.random() < stage.options["crowded_share"]:
-                    scenes[i], qas[i] = crowded(rng)
-        own = {}
-        if kind == "und" and stage.options.get("own_share"):  # (v20) the model's own drawings, as the judge reads them
-            pool = self.own_pool(stage)
-            for i in range(n):
-                if rng.random() < stage.options["own_share"]:
-                    img, objs = pool[rng.randrange(len(pool))]
-                    own[i] = img
-                    qas[i] = judged_questions(rng, objs)
         if kind == "und":
+            if stage.options.get("crowded_share"):  # (v19) counts past four
+                for i in range(n):
+                    if rng.random() < stage.options["crowded_share"]:
+                        scenes[i], qas[i] = crowded(rng)
+            own = {}
+            if stage.options.get("own_share"):  # (v20) the model's own drawings, as the judge reads them
+                pool = self.own_pool(stage)
+                for i in range(n):
+                    if rng.random() < stage.options["own_share"]:
+                        img, objs = pool[rng.randrange(len(pool))]
+                        own[i] = img
+                        qas[i] = judged_questions(rng, objs)
             images = scenes_to_tensor(scenes)
             # a share of VQ reconstructions, so that the model also reads images drawn by a model
             recon = [i for i in range(n) if rng.random() < RECON_SHARE and i not in own]
