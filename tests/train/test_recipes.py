@@ -157,3 +157,22 @@ def test_recipe_v21_is_v20_with_a_tenth_restart_of_the_same_kind():
         crowded=("stage3j", "stage3k"), own=("stage3j", "stage3k"))
     a, b = stages(80, recipe=v20), stages(80, recipe=RECIPES["v21"])
     assert b[:12] == a and b[12] == dataclasses.replace(a[11], name="stage3k")
+
+
+def test_recipe_v22_is_v21_with_its_decoder_polished():
+    import dataclasses
+
+    assert RECIPES["v22"] == dataclasses.replace(RECIPES["v21"], decoder_minutes=30.0)
+    assert stages(80, recipe=RECIPES["v22"]) == stages(80, recipe=RECIPES["v21"])  # the LM's stages are v21's
+    assert all(r.decoder_minutes == 0 for name, r in RECIPES.items() if name not in ("v22", "v23"))
+
+
+def test_recipe_v23_is_v22_with_an_eleventh_restart_of_the_same_kind():
+    import dataclasses
+
+    v22 = RECIPES["v22"]
+    assert RECIPES["v23"] == dataclasses.replace(
+        v22, restarts=11, named_order=v22.named_order + ("stage3l",), weighted=v22.weighted + ("stage3l",),
+        crowded=v22.crowded + ("stage3l",), own=v22.own + ("stage3l",))
+    a, b = stages(80, recipe=v22), stages(80, recipe=RECIPES["v23"])
+    assert b[:13] == a and b[13] == dataclasses.replace(a[12], name="stage3l")

@@ -10,7 +10,9 @@ import torch
 from zuoyou.config import get_config
 from zuoyou.models.vq import VQModel
 from zuoyou.train.checkpoint import load_checkpoint
-from zuoyou.train.vq import code_entropy, consolidate_codes, crowded_codes, group_means, image_batch, patch_groups, train_vq
+from zuoyou.train.vq import (code_entropy, consolidate_codes, crowded_codes, encode_scenes, group_means, image_batch,
+                             patch_groups, polish_decoder, scenes_to_tensor, train_vq)
+from zuoyou.shapes.world import sample_scene
 
 
 def test_patch_groups_follow_exact_pixels():
@@ -85,3 +87,26 @@ def test_consolidate_codes_gives_each_content_one_code():
     assert folded > 0 and after < before - 0.1
     w = vq.quantize.embedding.weight
     assert len(torch.unique(w, dim=0)) == vq.config.codebook_size - folded  # folded codes are copies
+
+
+def test_polish_decoder_keeps_every_code_and_improves_pixels(tmp_path):
+    torch.manual_seed(0)
+    vq = VQModel(get_config("shapes").vq).eval()
+    scenes = [sample_scene(random.Random(i)) for i in range(8)]
+    x = scenes_to_tensor(scenes)
+    codes = encode_scenes(vq, scenes)
+    frozen = {k: v.clone() for k, v in vq.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    with torch.no_grad():
+        before = torch.nn.functional.mse_loss(vq.decode_code(codes), x).item()
+    logs = []
+    polish_decoder(vq, tmp_path / "dec", minutes=0.15, batch=4, lr=3e-3, log=logs.append)
+    assert torch.equal(encode_scenes(vq, scenes), codes)  # the LM's targets are untouched
+    assert all(torch.equal(vq.state_dict()[k], v) for k, v in frozen.items())
+    assert not any(p.requires_grad for p in vq.parameters())
+    with torch.no_grad():
+        after = torch.nn.functional.mse_loss(vq.decode_code(codes), x).item()
+    assert after < 0.5 * before, (before, after)  # a random decoder is far off; a few steps close much of it
+    step = load_checkpoint(tmp_path / "dec", VQModel(get_config("shapes").vq))["step"]
+    polish_decoder(vq, tmp_path / "dec", minutes=0.2, batch=4, lr=3e-3, log=logs.append)
+    assert any("resumed at step" in m for m in logs)
+    assert load_checkpoint(tmp_path / "dec", VQModel(get_config("shapes").vq))["step"] > step

@@ -2,7 +2,8 @@
 
 Steps (each resumable; the output folder holds every intermediate):
 0. tokenizer: byte-level BPE trained with ``tokenizers`` on the world's text, Janus special tokens;
-1. VQ tokenizer trained on rendered scenes (``zuoyou.train.vq``), then frozen (as in Janus);
+1. VQ tokenizer trained on rendered scenes (``zuoyou.train.vq``), then frozen (as in Janus); (v22) its decoder
+   then polished alone on whole scenes, every code kept (``polish_decoder``);
 1b. (v3) the understanding encoder pre-trained on exact per-patch labels (``zuoyou.train.vit``),
    standing in for Janus's pre-trained SigLIP;
 2. the unified model, three stages of the one loop (``zuoyou.train.loop``), adapted to a
@@ -17,7 +18,7 @@ Steps (each resumable; the output folder holds every intermediate):
 3. generation defaults (CFG, temperature) chosen on validation prompts (seeds disjoint from the
    evaluation), written to ``generation_defaults.json``; then the final evaluations.
 
-The recipes (``RECIPES``, ``v21`` the default and the bundled model's) and what each one measured are in
+The recipes (``RECIPES``, ``v22`` the default and the bundled model's) and what each one measured are in
 ``zuoyou.train.recipes``.
 """
 
@@ -46,7 +47,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .loop import Stage, train
 from .reading import crowded, judged_questions, own_drawings
 from .recipes import PROMPT_SHARE, RECIPES, Recipe
-from .vq import code_entropy, consolidate_codes, encode_scenes, reconstruction_parse_rate, scenes_to_tensor, train_vq
+from .vq import (code_entropy, consolidate_codes, encode_scenes, polish_decoder, reconstruction_parse_rate, scenes_to_tensor,
+                 train_vq)
 
 TRAIN_SEED = 1  # evaluation uses other seeds (zuoyou.evals.shapes)
 CFG_DROPOUT = 0.1
@@ -165,7 +167,7 @@ class ShapesData:
         return Example(ids, mask.index(True), image=image, loss_mask=mask)
 
 
-def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v21"]) -> list[Stage]:
+def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v22"]) -> list[Stage]:
     m1, m2, m3 = (share * minutes for share in recipe.shares)
     mix2, mix3 = recipe.mixes
     # a pre-trained encoder stays frozen while the random aligner learns to read it (Janus stage 1)
@@ -222,7 +224,7 @@ def _init(model: torch.nn.Module, std: float = 0.02):
 
 
 def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None, seed: int = TRAIN_SEED,
-        resume: bool = True, eval_images: int = 4, log=print, recipe: str = "v21") -> dict:
+        resume: bool = True, eval_images: int = 4, log=print, recipe: str = "v22") -> dict:
     """Train everything into ``out``; the loadable model folder is ``out/model``. Budgets default to the recipe's."""
     rec = RECIPES[recipe]
     minutes = rec.minutes if minutes is None else minutes
@@ -262,6 +264,13 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
         load_checkpoint(out / "vq_final" if (out / "vq_final").is_dir() else out / "vq", vq)
     log(f"vq: held-out reconstructions parse back exactly: {report['vq_parse_rate']:.4f}; "
         f"H(code | patch) {report['vq_code_entropy']:.3f} nats")
+    if rec.decoder_minutes and not report.get("decoder_done"):
+        polish_decoder(vq, out / "decoder", rec.decoder_minutes, seed=seed + 777, log=log, resume=resume)
+        report["vq_parse_rate_polished"] = reconstruction_parse_rate(vq, n=1000)
+        log(f"vq, decoder polished: held-out reconstructions parse back exactly: {report['vq_parse_rate_polished']:.4f}")
+        save_checkpoint(out / "vq_final", vq, folded=report.get("vq_folded_codes", 0))
+        report["decoder_done"] = True
+        _write(out / "report.json", report)
     vq.eval().requires_grad_(False)
 
     # 2. unified model (its understanding encoder pre-trained first if the recipe says so), three stages
@@ -270,8 +279,13 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
     if rec.encoder_minutes:
         _pretrained_encoder(model, vq, out, rec.encoder_minutes, seed, report, resume, log, rec.encoder_absolute)
     processor.num_image_tokens = cfg.vision.num_patches
-    data = ShapesData(processor, vq, questions=rec.questions,
-                      draw=lambda n, seed: own_drawings(_pipeline(model, processor, None), n, seed, log=log))
+
+    def drawings(n: int, seed: int):
+        # a resumed LM checkpoint holds the VQ as it was then, its decoder perhaps not yet polished
+        model.gen_vision_model.load_state_dict(vq.state_dict())
+        return own_drawings(_pipeline(model, processor, None), n, seed, log=log)
+
+    data = ShapesData(processor, vq, questions=rec.questions, draw=drawings)
 
     def stage_eval(st: Stage) -> dict:
         from ..evals.shapes import quick_eval
@@ -282,6 +296,7 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
                     compile=rec.compile)
     report["training"] = history
     report["train_minutes_this_run"] = round((time.time() - t_start) / 60, 1)
+    model.gen_vision_model.load_state_dict(vq.state_dict())  # (as in drawings above)
     folder = out / "model"
     save_model(model, folder)
     shutil.copy(tok_path, folder / "tokenizer.json")
@@ -296,6 +311,7 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
     defaults.update(text_temperature=0.0, max_new_tokens=48, system_prompt="", self_check="shapes", best_of=BEST_OF)
     _write(folder / "generation_defaults.json", defaults)
     report["defaults"] = defaults
+    report["recipe"] = recipe  # (a folder continued with a later recipe names the last)
     _write(out / "report.json", report)
     return report
 

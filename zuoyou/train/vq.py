@@ -171,6 +171,53 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
     return vq
 
 
+def polish_decoder(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: float = 3e-4, seed: int = 777,
+                   log=print, resume: bool = True) -> VQModel:
+    """Train only the decoder side (``post_quant_conv`` + ``decoder``) on whole 64x64 scenes, the codes fixed.
+
+    The encoder and codebook are frozen, so every image keeps exactly the codes the LM was (or will be)
+    trained on; only the pixels drawn from them get better. ``train_vq`` learns on 32x32 crops with a
+    moving codebook; here the decoder sees whole scenes (its attention, its borders) and the final codes.
+    Same loss, bf16 autocast, cosine decay to 2 %; checkpoints atomically to ``out_ckpt``.
+    """
+    rng = random.Random(seed)
+    params = list(vq.post_quant_conv.parameters()) + list(vq.decoder.parameters())
+    vq.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    state = {"step": 0, "elapsed": 0.0}
+    if resume and exists(out_ckpt):
+        state = load_checkpoint(out_ckpt, vq, opt)
+        rng.setstate(state["rng"])
+        log(f"decoder: resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min done)")
+    budget, step = minutes * 60, state["step"]
+    t0, last_ckpt, avg = time.time() - state["elapsed"], time.time(), None
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 30) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+        scenes = [sample_scene(rng) for _ in range(batch)]
+        x, codes = scenes_to_tensor(scenes), encode_scenes(vq, scenes)  # codes: (B, grid*grid), no grad
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rec = vq.decode_code(codes).float()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 100 == 0:
+            log(f"decoder step {step} {(time.time() - t0) / 60:.1f}min loss {avg:.5f}")
+        if time.time() - last_ckpt > 120:
+            save_checkpoint(out_ckpt, vq, opt, step=step, elapsed=time.time() - t0, rng=rng.getstate())
+            last_ckpt = time.time()
+    save_checkpoint(out_ckpt, vq, opt, step=step, elapsed=time.time() - t0, rng=rng.getstate())
+    vq.requires_grad_(False)
+    return vq
+
+
 @torch.no_grad()
 def encode_scenes(vq: VQModel, scenes) -> torch.Tensor:
     """Scenes -> (B, grid*grid) codes."""
@@ -250,11 +297,16 @@ def consolidate_codes(vq: VQModel, n: int = 2000, purity: float = 0.9, seed: int
     main = {}  # content -> its most frequent code
     for gi, ci, ni in sorted(zip(g.tolist(), c.tolist(), cnt.tolist()), key=lambda t: -t[2]):
         main.setdefault(gi, ci)
-    w = vq.quantize.embedding.weight
-    folded = 0
+    fold = {}  # code -> the main code it becomes a copy of
     for gi, ci, ni in zip(g.tolist(), c.tolist(), cnt.tolist()):
-        m = main[gi]
-        if ci != m and ni >= purity * use[ci].item():
-            w[ci] = w[m]
-            folded += 1
-    return folded
+        if ci != main[gi] and ni >= purity * use[ci].item():
+            fold[ci] = main[gi]
+    w = vq.quantize.embedding.weight
+    w0 = w.detach().clone()
+    for ci, m in fold.items():
+        seen = {ci}
+        while m in fold and m not in seen:  # a main code may itself be folded (a rare content's top
+            seen.add(m)                     # code owned by another): follow it, so copies stay copies
+            m = fold[m]
+        w[ci] = w0[m]
+    return len(fold)
