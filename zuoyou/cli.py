@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero "
                                         "(tokenizer, VQ, encoder pre-training, three stages, the recipe's SFT restarts)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
-    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16", "v17", "v18", "v19", "v20", "v21", "v22", "v23"], default="v23",
-                    help="v23: the bundled model's recipe (default; v22 + one more restart of v21's kind); v22: v21 with its "
+    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16", "v17", "v18", "v19", "v20", "v21", "v22", "v23", "v24"], default="v24",
+                    help="v24: the bundled model's recipe (default; v22 + two more restarts of v21's kind); v23: one such; v22: v21 with its "
                          "VQ decoder trained 30 min more on whole scenes, the codes unchanged (cleaner pixels from the same "
                          "drawings); v21: v17 + two more restarts in which the model also reads "
                          "crowded scenes and its own drawings as the judge sees them: a better self-check); v20: one such "
@@ -157,11 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "also taught where objects are; v8: v6 with that encoder label alone "
                          "(see the README for how they compared)")
     ts.add_argument("--minutes", type=float, default=None,
-                    help="wall-clock budget of the three LM stages (default: the recipe's, 80 for v4, v6 and v9-v23; "
+                    help="wall-clock budget of the three LM stages (default: the recipe's, 80 for v4, v6 and v9-v24; "
                          "the fourth stage of v5 adds its own 70, of v10 its own 25, v11 two of 25, v12 three, v15 six, "
-                         "v17 eight, v21 and v22 ten, v23 eleven)")
+                         "v17 eight, v21 and v22 ten, v23 eleven, v24 twelve)")
     ts.add_argument("--vq-minutes", type=float, default=None,
-                    help="wall-clock budget of the VQ training (default: the recipe's, 26 for v4, v6 and v9-v23 (v22 and v23 then 30 more on its decoder), 25 for v2 and v7)")
+                    help="wall-clock budget of the VQ training (default: the recipe's, 26 for v4, v6 and v9-v24 (v22-v24 then 30 more on its decoder), 25 for v2 and v7)")
     ts.add_argument("--seed", type=int, default=1)
     ts.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT (default: resume)")
     ts.set_defaults(func=cmd_train_shapes)

@@ -164,7 +164,7 @@ def test_recipe_v22_is_v21_with_its_decoder_polished():
 
     assert RECIPES["v22"] == dataclasses.replace(RECIPES["v21"], decoder_minutes=30.0)
     assert stages(80, recipe=RECIPES["v22"]) == stages(80, recipe=RECIPES["v21"])  # the LM's stages are v21's
-    assert all(r.decoder_minutes == 0 for name, r in RECIPES.items() if name not in ("v22", "v23"))
+    assert all(r.decoder_minutes == 0 for name, r in RECIPES.items() if name not in ("v22", "v23", "v24"))
 
 
 def test_recipe_v23_is_v22_with_an_eleventh_restart_of_the_same_kind():
@@ -176,3 +176,14 @@ def test_recipe_v23_is_v22_with_an_eleventh_restart_of_the_same_kind():
         crowded=v22.crowded + ("stage3l",), own=v22.own + ("stage3l",))
     a, b = stages(80, recipe=v22), stages(80, recipe=RECIPES["v23"])
     assert b[:13] == a and b[13] == dataclasses.replace(a[12], name="stage3l")
+
+
+def test_recipe_v24_is_v23_with_a_twelfth_restart_of_the_same_kind():
+    import dataclasses
+
+    v23 = RECIPES["v23"]
+    assert RECIPES["v24"] == dataclasses.replace(
+        v23, restarts=12, named_order=v23.named_order + ("stage3m",), weighted=v23.weighted + ("stage3m",),
+        crowded=v23.crowded + ("stage3m",), own=v23.own + ("stage3m",))
+    a, b = stages(80, recipe=v23), stages(80, recipe=RECIPES["v24"])
+    assert b[:14] == a and b[14] == dataclasses.replace(a[13], name="stage3m")
