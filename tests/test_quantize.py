@@ -408,7 +408,7 @@ def decode_path(bundled) -> dict:
 
 @pytest.mark.xfail(strict=False, reason="known since the bundled v21, sharper than v17: through the decode path int8's KL "
                                         "is 0.025-0.028 (bound 0.05), but its greedy agreement sits near the 0.9 bound: on "
-                                        "these 64 codes v21 0.891 or 0.922, v24 0.828 alone (KL 0.023), "
+                                        "these 64 codes v21 0.891 or 0.922, v24 0.828 alone (KL 0.023) and over 0.9 in the full suite, "
                                         "depending on the state earlier tests leave (v17: 0.94); "
                                         "pooled over 6 scenes 0.888 / 0.904 (one / two threads). The flips are near-ties")
 def test_decode_path_quality_on_the_bundled_model(decode_path):

@@ -3,6 +3,8 @@ of the one before resumes at its new stage."""
 
 from __future__ import annotations
 
+import pytest
+
 from zuoyou.train.recipes import RECIPES
 from zuoyou.train.shapes import stages
 
@@ -167,23 +169,13 @@ def test_recipe_v22_is_v21_with_its_decoder_polished():
     assert all(r.decoder_minutes == 0 for name, r in RECIPES.items() if name not in ("v22", "v23", "v24"))
 
 
-def test_recipe_v23_is_v22_with_an_eleventh_restart_of_the_same_kind():
+@pytest.mark.parametrize("name, before, stage", [("v23", "v22", "stage3l"), ("v24", "v23", "stage3m")])
+def test_recipes_v23_and_v24_add_one_restart_of_the_same_kind(name, before, stage):
     import dataclasses
 
-    v22 = RECIPES["v22"]
-    assert RECIPES["v23"] == dataclasses.replace(
-        v22, restarts=11, named_order=v22.named_order + ("stage3l",), weighted=v22.weighted + ("stage3l",),
-        crowded=v22.crowded + ("stage3l",), own=v22.own + ("stage3l",))
-    a, b = stages(80, recipe=v22), stages(80, recipe=RECIPES["v23"])
-    assert b[:13] == a and b[13] == dataclasses.replace(a[12], name="stage3l")
-
-
-def test_recipe_v24_is_v23_with_a_twelfth_restart_of_the_same_kind():
-    import dataclasses
-
-    v23 = RECIPES["v23"]
-    assert RECIPES["v24"] == dataclasses.replace(
-        v23, restarts=12, named_order=v23.named_order + ("stage3m",), weighted=v23.weighted + ("stage3m",),
-        crowded=v23.crowded + ("stage3m",), own=v23.own + ("stage3m",))
-    a, b = stages(80, recipe=v23), stages(80, recipe=RECIPES["v24"])
-    assert b[:14] == a and b[14] == dataclasses.replace(a[13], name="stage3m")
+    prev = RECIPES[before]
+    assert RECIPES[name] == dataclasses.replace(
+        prev, restarts=prev.restarts + 1, named_order=prev.named_order + (stage,), weighted=prev.weighted + (stage,),
+        crowded=prev.crowded + (stage,), own=prev.own + (stage,))
+    a, b = stages(80, recipe=prev), stages(80, recipe=RECIPES[name])
+    assert b[:-1] == a and b[-1] == dataclasses.replace(a[-1], name=stage)
