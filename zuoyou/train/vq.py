@@ -97,6 +97,11 @@ def restart_dead_codes(vq: VQModel, usage: torch.Tensor, recent: torch.Tensor) -
     return dead.numel()
 
 
+def pixel_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The VQ's reconstruction loss (``train_vq`` and ``polish_decoder``): MSE + 0.5 L1 on pixels."""
+    return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+
+
 def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float = 2e-3, seed: int = 0,
              warmup_steps: int = 150, restart_every: int = 50, log=print, resume: bool = True,
              crop: int | None = 32, consistency: float = 0.0, min_code_dist: float = 0.0,
@@ -149,7 +154,7 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
         # consistency only once the autoencoder has spread its latents (from the start it collapses
         # them all onto one point), ramped in over ``warmup_steps``
         ramp = min(1.0, max(0.0, (step - warmup_steps) / warmup_steps))
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + q_loss + consistency * ramp * c_loss
+        loss = pixel_loss(rec, x) + q_loss + consistency * ramp * c_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
@@ -178,7 +183,7 @@ def polish_decoder(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: f
     The encoder and codebook are frozen, so every image keeps exactly the codes the LM was (or will be)
     trained on; only the pixels drawn from them get better. ``train_vq`` learns on 32x32 crops with a
     moving codebook; here the decoder sees whole scenes (its attention, its borders) and the final codes.
-    Same loss, bf16 autocast, cosine decay to 2 %; checkpoints atomically to ``out_ckpt``.
+    The same ``pixel_loss``, bf16 autocast, cosine decay to 2 %; checkpoints atomically to ``out_ckpt``.
     """
     rng = random.Random(seed)
     params = list(vq.post_quant_conv.parameters()) + list(vq.decoder.parameters())
@@ -198,10 +203,11 @@ def polish_decoder(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: f
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 30) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
         scenes = [sample_scene(rng) for _ in range(batch)]
-        x, codes = scenes_to_tensor(scenes), encode_scenes(vq, scenes)  # codes: (B, grid*grid), no grad
+        x = scenes_to_tensor(scenes)
+        codes = encode_images(vq, x)  # (B, grid*grid), no grad
         with torch.autocast("cpu", dtype=torch.bfloat16):
             rec = vq.decode_code(codes).float()
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        loss = pixel_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -221,7 +227,12 @@ def polish_decoder(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: f
 @torch.no_grad()
 def encode_scenes(vq: VQModel, scenes) -> torch.Tensor:
     """Scenes -> (B, grid*grid) codes."""
-    x = scenes_to_tensor(scenes)
+    return encode_images(vq, scenes_to_tensor(scenes))
+
+
+@torch.no_grad()
+def encode_images(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 64, 64) images in [-1, 1] -> (B, grid*grid) codes."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = vq.quant_conv(vq.encoder(x)).float()
     return vq.quantize(h)[1]
