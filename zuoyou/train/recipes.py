@@ -47,7 +47,7 @@ parse back exactly 0.990 instead of 0.933; validation with the self-check 0.892,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 PROMPT_SHARE = 0.5  # generation examples with a GenEval-style prompt (the rest: captions of random scenes)
 
@@ -187,41 +187,28 @@ RECIPES = {
                   named_order=("stage3e", "stage3f", "stage3g", "stage3h", "stage3i", "stage3j"),
                   category_weights=(1, 1.5, 1.5, 1, 1, 2), weighted=("stage3h", "stage3i", "stage3j"),
                   crowded_share=0.1, crowded=("stage3j",), own_share=0.2, own=("stage3j",)),
-    # v20 with a tenth restart (stage3k) of the same kind, its pool of own drawings drawn by v20: v20's one took
-    # validation GenEval-style with the self-check from 0.763 (v17) to 0.839 (v19, crowded scenes alone: 0.803)
-    "v21": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=10, prompt_share=0.8,
-                  named_order=("stage3e", "stage3f", "stage3g", "stage3h", "stage3i", "stage3j", "stage3k"),
-                  category_weights=(1, 1.5, 1.5, 1, 1, 2), weighted=("stage3h", "stage3i", "stage3j", "stage3k"),
-                  crowded_share=0.1, crowded=("stage3j", "stage3k"), own_share=0.2, own=("stage3j", "stage3k")),
-    # v21 with its VQ decoder polished 30 minutes (codes unchanged, so the LM needs nothing new): of v21's VQ
-    # reconstructions of held-out scenes 93.4 % parse back exactly, mostly lost to wrong colours and extra
-    # objects; a 15-minute probe took them to 96.8 % and validation GenEval-style with the self-check from 0.848
-    # to 0.871 (drawn once 0.639 to 0.649), the same LM drawing the same codes
-    "v22": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=10, prompt_share=0.8,
-                  named_order=("stage3e", "stage3f", "stage3g", "stage3h", "stage3i", "stage3j", "stage3k"),
-                  category_weights=(1, 1.5, 1.5, 1, 1, 2), weighted=("stage3h", "stage3i", "stage3j", "stage3k"),
-                  crowded_share=0.1, crowded=("stage3j", "stage3k"), own_share=0.2, own=("stage3j", "stage3k"),
-                  decoder_minutes=30.0),
-    # v22 with an eleventh restart (stage3l) of the same kind, its pool of own drawings drawn by v22 through the
-    # polished decoder: v20's and v21's such restarts took validation GenEval-style with the self-check from 0.763
-    # to 0.848
-    "v23": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=11, prompt_share=0.8,
-                  named_order=("stage3e", "stage3f", "stage3g", "stage3h", "stage3i", "stage3j", "stage3k", "stage3l"),
-                  category_weights=(1, 1.5, 1.5, 1, 1, 2),
-                  weighted=("stage3h", "stage3i", "stage3j", "stage3k", "stage3l"), crowded_share=0.1,
-                  crowded=("stage3j", "stage3k", "stage3l"), own_share=0.2, own=("stage3j", "stage3k", "stage3l"),
-                  decoder_minutes=30.0),
-    # v23 with a twelfth restart (stage3m) of the same kind: v23's one took held-out drawings drawn once from 0.655 to
-    # 0.707 (with the self-check 0.898 to 0.899; validation 0.892 to 0.904)
-    "v24": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256,
-                  1.0, (25.0, 3e-4, 0.8), restarts=12, prompt_share=0.8,
-                  named_order=("stage3e", "stage3f", "stage3g", "stage3h", "stage3i", "stage3j", "stage3k", "stage3l",
-                               "stage3m"),
-                  category_weights=(1, 1.5, 1.5, 1, 1, 2),
-                  weighted=("stage3h", "stage3i", "stage3j", "stage3k", "stage3l", "stage3m"), crowded_share=0.1,
-                  crowded=("stage3j", "stage3k", "stage3l", "stage3m"), own_share=0.2,
-                  own=("stage3j", "stage3k", "stage3l", "stage3m"), decoder_minutes=30.0),
 }
+
+
+def _one_more_restart(rec: Recipe, stage: str) -> Recipe:
+    """``rec`` with one more warm restart of SFT named ``stage``, of the kind of v21's last two: named order,
+    weighted prompt categories, crowded scenes and its own judged drawings."""
+    return replace(rec, restarts=rec.restarts + 1, named_order=rec.named_order + (stage,),
+                   weighted=rec.weighted + (stage,), crowded=rec.crowded + (stage,), own=rec.own + (stage,))
+
+
+# v20 with a tenth restart (stage3k) of the same kind, its pool of own drawings drawn by v20: v20's one took
+# validation GenEval-style with the self-check from 0.763 (v17) to 0.839 (v19, crowded scenes alone: 0.803)
+RECIPES["v21"] = _one_more_restart(RECIPES["v20"], "stage3k")
+# v21 with its VQ decoder polished 30 minutes (codes unchanged, so the LM needs nothing new): of v21's VQ
+# reconstructions of held-out scenes 93.4 % parse back exactly, mostly lost to wrong colours and extra
+# objects; a 15-minute probe took them to 96.8 % and validation GenEval-style with the self-check from 0.848
+# to 0.871 (drawn once 0.639 to 0.649), the same LM drawing the same codes
+RECIPES["v22"] = replace(RECIPES["v21"], decoder_minutes=30.0)
+# v22 with an eleventh restart (stage3l) of the same kind, its pool of own drawings drawn by v22 through the
+# polished decoder: v20's and v21's such restarts took validation GenEval-style with the self-check from 0.763
+# to 0.848
+RECIPES["v23"] = _one_more_restart(RECIPES["v22"], "stage3l")
+# v23 with a twelfth restart (stage3m) of the same kind: v23's one took held-out drawings drawn once from 0.655 to
+# 0.707 (with the self-check 0.898 to 0.899; validation 0.892 to 0.904)
+RECIPES["v24"] = _one_more_restart(RECIPES["v23"], "stage3m")
