@@ -206,8 +206,9 @@ def test_answer_logprobs_are_the_trained_targets_under_padding(tiny_pipe):
 
 def test_best_of_keeps_the_candidate_the_model_rates_best(tiny_pipe, monkeypatch):
     """``best_of=K``: the n*K candidates are the images an n*K request draws with the same seed; each
-    image kept is, of its run of K, the one with the highest summed log P(expected answer); previews
-    show each image's first candidate. Prompts the check cannot read are drawn once."""
+    image kept is, of its run of K, the one with the highest summed log P(expected answer) (the random
+    tiny model passes no check, so no candidate is preferred for passing); previews show each image's
+    first candidate. Prompts the check cannot read are drawn once."""
     engine = tiny_pipe.engine
     checks = [("How many objects are there?", "two"), ("What color is the circle?", "red")]
     monkeypatch.setattr(engine, "checker", lambda prompt: checks if "circle" in prompt else [])
@@ -225,11 +226,54 @@ def test_best_of_keeps_the_candidate_the_model_rates_best(tiny_pipe, monkeypatch
     assert same(tiny_pipe.generate("a blue square", n=2, seed=5, best_of=3), plain)
 
 
+def test_best_of_prefers_a_passing_candidate(tiny_pipe, monkeypatch):
+    """A candidate passes when every expected answer has P >= 1/2; of a run, the best-scoring passing one
+    is kept before any failing one, however high the failing one's sum (else the best sum)."""
+    engine = tiny_pipe.engine
+    logp = torch.tensor([[-0.01, -0.8], [-0.6, -0.6], [-0.5, -0.65],  # image 0: 2 passes, 0 fails
+                         [-0.01, -5.0], [-2.0, -2.0], [-0.9, -0.1]])  # image 1: none passes; 2 scores best
+    monkeypatch.setattr(engine, "check_scores", lambda images, checks: logp[:len(images)])
+    kept = engine._best(list("abcdef"), [("q1", "a1"), ("q2", "a2")], 3)
+    assert [(ok, im) for ok, _, im in kept] == [(True, "c"), (False, "f")]
+    assert kept[0][1] == pytest.approx(-1.15)
+
+
+def test_redraws_keep_the_best_of_every_round(tiny_pipe, monkeypatch):
+    """``redraws=R``: an image whose kept candidate fails is drawn K more times per round, each round
+    seeded ``_round_seed(seed, round)``; the image kept is the best of all its candidates. An image that
+    passes is not drawn again."""
+    from zuoyou import engine as engine_mod
+
+    engine = tiny_pipe.engine
+    checks = [("How many objects are there?", "two"), ("What color is the circle?", "red")]
+    monkeypatch.setattr(engine, "checker", lambda prompt: checks)
+    kw = dict(temperature=1.0, best_of=2)
+    rounds = [tiny_pipe.generate("a red circle", n=2, seed=engine_mod._round_seed(5, r), temperature=1.0)
+              for r in range(3)]
+    cands = [c for rnd in rounds for c in rnd]
+    score = engine.check_scores(cands, checks).sum(-1)
+    assert (engine.check_scores(cands, checks) < engine_mod.PASS_LOGP).all()  # the random model fails every check
+    draws = []
+    real = engine._draw
+    monkeypatch.setattr(engine, "_draw", lambda reqs, *a: draws.append([r.n for r in reqs]) or real(reqs, *a))
+    kept = tiny_pipe.generate("a red circle", n=1, seed=5, redraws=2, **kw)
+    assert draws == [[2], [2], [2]]
+    assert same(kept, [cands[int(score.argmax())]])
+    draws.clear()  # everything passes: no second round, the same image as without redraws
+    monkeypatch.setattr(engine_mod, "PASS_LOGP", float("-inf"))
+    assert same(tiny_pipe.generate("a red circle", n=1, seed=5, redraws=2, **kw),
+                tiny_pipe.generate("a red circle", n=1, seed=5, redraws=0, **kw))
+    assert draws == [[2], [2]]
+
+
 def test_best_of_errors(tiny_pipe, monkeypatch):
     with pytest.raises(InputError, match="best_of=0"):
         tiny_pipe.generate("a red circle", best_of=0)
     with pytest.raises(InputError, match="best_of=17"):
         tiny_pipe.generate("a red circle", best_of=17)
+    for bad in (-1, 9, 1.5):
+        with pytest.raises(InputError, match=f"redraws={bad}"):
+            tiny_pipe.generate("a red circle", best_of=2, redraws=bad)
     monkeypatch.setattr(tiny_pipe.engine, "checker", None)
     with pytest.raises(InputError, match="self-check"):
         tiny_pipe.generate("a red circle", best_of=2)

@@ -4,7 +4,8 @@ A model folder may carry ``generation_defaults.json`` (e.g. ``{"cfg": 2.0, "temp
 those values are used whenever the caller passes none. Absent keys fall back to the official
 Janus-Pro defaults (CFG 5, temperature 1 for images; greedy text, the default system prompt).
 ``"self_check": "shapes", "best_of": 4`` makes each image the best of 4 candidates by the model's own
-answers about them (``zuoyou.shapes.checks``; ``best_of`` per call overrides).
+answers about them (``zuoyou.shapes.checks``; ``best_of`` per call overrides); ``"redraws": 2`` draws up
+to two more rounds of candidates for an image whose best one still fails that check.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class GenerationDefaults:
     max_new_tokens: int = 512
     system_prompt: str | None = None  # None = the official default system prompt
     best_of: int = 1  # candidates drawn per image, the best kept by the model's own check
+    redraws: int = 0  # more rounds of best_of candidates while an image's best one fails the check
     self_check: str | None = None  # which check (a key of ``SELF_CHECKS``); None = none
 
     @classmethod
@@ -75,18 +77,21 @@ class Pipeline:
 
     # ---------------------------------------------------------------------- text -> image
     def image_request(self, prompt: str, n: int = 1, cfg=None, temperature=None, top_k=None, top_p=None,
-                      seed=None, best_of=None) -> ImageRequest:
+                      seed=None, best_of=None, redraws=None) -> ImageRequest:
         d = self.defaults
         return ImageRequest(prompt, n, _pick(cfg, d.cfg), _pick(temperature, d.temperature),
-                            _pick(top_k, d.top_k), _pick(top_p, d.top_p), seed, _pick(best_of, d.best_of))
+                            _pick(top_k, d.top_k), _pick(top_p, d.top_p), seed, _pick(best_of, d.best_of),
+                            _pick(redraws, d.redraws))
 
     def generate(self, prompt: str, n: int = 1, cfg: float | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 progress: bool = False, preview=None, preview_every: int = 0, best_of: int | None = None):
+                 progress: bool = False, preview=None, preview_every: int = 0, best_of: int | None = None,
+                 redraws: int | None = None):
         """Draw ``n`` images for ``prompt`` -> list of PIL images. ``temperature=0`` is argmax.
         ``best_of=K``: draw K candidates per image and keep the one the model's own check rates best
-        (models whose folder names a ``self_check``; see ``Engine.generate_images``)."""
-        req = self.image_request(prompt, n, cfg, temperature, top_k, top_p, seed, best_of)
+        (models whose folder names a ``self_check``; see ``Engine.generate_images``); ``redraws=R``: up to R
+        more rounds of K candidates for each image whose best one fails the check."""
+        req = self.image_request(prompt, n, cfg, temperature, top_k, top_p, seed, best_of, redraws)
         return self.engine.generate_images([req], progress=progress, preview=preview, preview_every=preview_every)[0]
 
     # ---------------------------------------------------------------------- understanding

@@ -46,7 +46,8 @@ def _load(args):
 def cmd_generate(args) -> None:
     pipe = _load(args)
     images = pipe.generate(args.prompt, n=args.n, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, progress=True, best_of=args.best_of)
+                           top_p=args.top_p, seed=args.seed, progress=True, best_of=args.best_of,
+                           redraws=args.redraws)
     out = Path(args.output)
     if args.n == 1 and out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,7 @@ def cmd_eval(args) -> None:
     out = Path(args.out) if args.out else None
     if args.task == "shapes-geneval":
         r = ev.geneval(pipe, per_category=args.prompts, images=args.images, cfg=args.cfg, temperature=args.temperature,
-                       best_of=args.best_of, out_dir=out, log=log)
+                       best_of=args.best_of, redraws=args.redraws, out_dir=out, log=log)
         scores = {**r["categories"], "overall": r["overall"]}
     else:
         r = ev.vqa(pipe, n=args.questions, out_dir=out, log=log)
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--best-of", type=int, default=None, metavar="K",
                    help="draw K candidates per image, keep the one the model's own answers about it rate best "
                         "(models with a self-check; default: the model's, 1 = off)")
+    g.add_argument("--redraws", type=int, default=None, metavar="R",
+                   help="up to R more rounds of K candidates for an image whose best one fails the self-check "
+                        "(default: the model's, 0 = off)")
     g.add_argument("-o", "--output", required=True, help="a .png/.jpg file when n=1, else a folder (0000.png, ...)")
     g.set_defaults(func=cmd_generate)
 
@@ -177,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=None)
     e.add_argument("--best-of", type=int, default=None, metavar="K",
                    help="candidates per image, ranked by the model's own check (geneval; default: the model's)")
+    e.add_argument("--redraws", type=int, default=None, metavar="R",
+                   help="more rounds of candidates while an image fails its self-check (geneval; default: the model's)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="a small gallery: prompts -> images -> questions -> answers")

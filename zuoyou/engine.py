@@ -39,6 +39,7 @@ class ImageRequest:
     top_p: float | None = None
     seed: int | None = None
     best_of: int = 1  # draw n * best_of and keep the n that pass the model's own check best (``Engine.checker``)
+    redraws: int = 0  # up to this many more rounds of best_of candidates for each image whose kept one fails the check
 
 
 @dataclass
@@ -65,6 +66,15 @@ class _Batch:
 
 DECODE_PIXELS = 384 * 384  # per VQ-decoder call (see ``Engine.decode_chunk``)
 MAX_BEST_OF = 16
+MAX_REDRAWS = 8
+# a candidate passes the self-check when the model finds every expected answer more likely than not
+PASS_LOGP = -0.6931471805599453  # log(1/2)
+
+
+def _round_seed(seed: int | None, rnd: int) -> int | None:
+    """The seed of redraw round ``rnd`` of a request seeded ``seed``: reproducible, and far from the
+    neighbouring seeds callers give consecutive requests (None stays unseeded)."""
+    return None if seed is None else (seed + rnd * 0x9E3779B97F4A7C15) % 2**63
 
 
 class Engine:
@@ -145,9 +155,12 @@ class Engine:
         decoded so far (rows not yet drawn are grey), for progressive display.
 
         A request with ``best_of=K > 1`` whose prompt the ``checker`` has questions for is drawn ``n * K``
-        times in the same batch; of each image's K candidates the one kept is the one whose expected
-        answers the model itself finds most likely (``check_scores``). Previews show each image's first
-        candidate.
+        times in the same batch; of each image's K candidates the one kept is the one the model's own answers
+        about it rate best (``check_scores``): one that passes (every expected answer more likely than not)
+        before one that does not, then the highest sum of the answers' log-probabilities. ``redraws=R``:
+        each image whose kept candidate fails is drawn K more times, up to R more rounds, and keeps the best
+        of all its candidates (hard prompts cost more; easy ones nothing). Previews show each image's first
+        candidate of the first round.
         """
         for r in requests:
             self._check_image_request(r)
@@ -165,13 +178,30 @@ class Engine:
             start += r.n * k
         shown = (lambda rows, images: preview(rows, [images[i] for i in first])) if preview else None
         out = self._draw(drawn, progress, shown, preview_every)
-        return [self._best(imgs, c, k) if k > 1 else imgs for imgs, c, k in zip(out, checks, K)]
+        # per request, per image: (passes, score, image) of the best candidate so far
+        kept = [self._best(imgs, c, k) if k > 1 else [(True, 0.0, im) for im in imgs]
+                for imgs, c, k in zip(out, checks, K)]
+        for rnd in range(1, max(r.redraws for r in requests) + 1):
+            failed = [[j for j, (ok, _, _) in enumerate(kept[i]) if not ok] if K[i] > 1 and rnd <= r.redraws
+                      else [] for i, r in enumerate(requests)]
+            redo = [i for i, f in enumerate(failed) if f]
+            if not redo:
+                break
+            more = self._draw([replace(requests[i], n=len(failed[i]) * K[i], seed=_round_seed(requests[i].seed, rnd))
+                               for i in redo], progress, None, 0)
+            for i, imgs in zip(redo, more):
+                for j, cand in zip(failed[i], self._best(imgs, checks[i], K[i])):
+                    kept[i][j] = max(kept[i][j], cand, key=lambda c: c[:2])
+        return [[im for _, _, im in k] for k in kept]
 
     def _best(self, images: list, checks: list[tuple[str, str]], k: int, chunk: int = 16) -> list:
-        """Of each run of ``k`` candidates, the one with the highest sum of log P(answer | candidate)."""
-        score = torch.cat([self.check_scores(images[i:i + chunk], checks) for i in range(0, len(images), chunk)])
-        score = score.sum(-1).view(len(images) // k, k)  # (n, k)
-        return [images[i * k + j] for i, j in enumerate(score.argmax(-1).tolist())]
+        """Of each run of ``k`` candidates: (passes, score, image) of the best (see ``generate_images``)."""
+        logp = torch.cat([self.check_scores(images[i:i + chunk], checks) for i in range(0, len(images), chunk)])
+        ok = (logp >= PASS_LOGP).all(-1).view(-1, k)  # (n, k)
+        score = logp.sum(-1).view(-1, k)  # (n, k)
+        # the best score among passing candidates where any passes, else the best score
+        j = torch.where(ok.any(-1, keepdim=True), score.masked_fill(~ok, float("-inf")), score).argmax(-1)
+        return [(bool(ok[i, c]), float(score[i, c]), images[i * k + c]) for i, c in enumerate(j.tolist())]
 
     @torch.inference_mode()
     def check_scores(self, images: list, checks: list[tuple[str, str]]) -> torch.Tensor:
@@ -298,6 +328,8 @@ class Engine:
         check_sampling(r.temperature, r.top_k, r.top_p)
         if not isinstance(r.best_of, int) or not 1 <= r.best_of <= MAX_BEST_OF:
             raise InputError(f"best_of={r.best_of}: must be an integer from 1 to {MAX_BEST_OF}")
+        if not isinstance(r.redraws, int) or not 0 <= r.redraws <= MAX_REDRAWS:
+            raise InputError(f"redraws={r.redraws}: must be an integer from 0 to {MAX_REDRAWS}")
 
     # ----------------------------------------------------------------------------------- understanding
     @torch.inference_mode()

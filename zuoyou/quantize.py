@@ -32,6 +32,7 @@ not vectorised on CPU. So ``quantize="int8"`` on an fp32 model runs its quantise
 
 from __future__ import annotations
 
+import functools
 import gc
 import re
 
@@ -216,9 +217,15 @@ class Int4Linear(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.scale.dtype if self.kernel == "vnni" else self.scales_zeros.dtype
 
+    @property
+    def unpackable(self) -> bool:
+        """Whether ``unpack`` can read these weights with tensor ops (see ``aten_int4_block``)."""
+        B = aten_int4_block()
+        return self.kernel == "vnni" or (B is not None and self.out_features % B == 0)
+
     def dequantize(self) -> torch.Tensor:
         """(out, in) weights in the compute dtype (tests, debugging)."""
-        if self.kernel == "vnni" or self.out_features % 64 == 0:
+        if self.unpackable:
             return self.unpack()
         eye = torch.eye(self.in_features, dtype=self.compute_dtype)  # the kernel applied to the identity
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).t()
@@ -226,17 +233,14 @@ class Int4Linear(nn.Module):
     def unpack(self) -> torch.Tensor:
         """(out, in) weights in the compute dtype, unpacked with tensor ops.
 
-        The "aten" layout (needs ``out % 64 == 0``): blocks of 64 output channels;
-        ``packed.view(out / 64, in, 32)[b, k, j]`` holds channel ``64 b + j`` in its low nibble and
-        ``64 b + 32 + j`` in its high nibble. The "vnni" layout: ``zuoyou.kernels.int4``.
+        The "aten" layout: ``aten_int4_block``. The "vnni" layout: ``zuoyou.kernels.int4``.
         """
         N, K = self.out_features, self.in_features
         if self.kernel == "vnni":
             q = int4k.unpack(self.packed)
             scale, base = int4k.from_block(self.scale).float(), int4k.from_block(self.low).float()
         else:
-            b = self.packed.view(N // 64, K, 32)
-            q = torch.cat([b & 0xF, b >> 4], dim=2).permute(0, 2, 1).reshape(N, K)  # (out, in) in 0..15
+            q = _unpack_aten(self.packed, aten_int4_block(), N, K)  # (out, in) in 0..15
             scale, zero = (t.t().float() for t in self.scales_zeros.unbind(-1))
             base = zero - 8 * scale
         w = q.view(N, K // self.group, self.group).float() * scale[..., None] + base[..., None]  # (out, G, group)
@@ -248,7 +252,7 @@ class Int4Linear(nn.Module):
         if x2.shape[0] > VNNI_MAX_ROWS and self.kernel == "vnni":
             # prefill: the decode kernels have no fast path for many rows; unpacking + one GEMM is faster
             y = F.linear(x2, int4k.dense(self.packed, self.scale, self.low))  # bf16, the compute dtype
-        elif x2.shape[0] > PACK_MAX_ROWS and self.kernel == "aten" and self.out_features % 64 == 0:
+        elif x2.shape[0] > PACK_MAX_ROWS and self.kernel == "aten" and self.unpackable:
             y = F.linear(x2, self.unpack())
         elif self.kernel == "vnni":
             y = int4k.mm(x2, self.packed, self.scale, self.low)
@@ -260,6 +264,26 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, kernel={self.kernel}"
+
+
+def _unpack_aten(packed: torch.Tensor, B: int, N: int, K: int) -> torch.Tensor:
+    """ATen's packed int4 (N, K / 2) uint8 in blocks of ``B`` output channels -> (N, K) codes in 0..15."""
+    b = packed.view(N // B, K, B // 2)  # (blocks, in, B / 2): channel j low nibble, B / 2 + j high
+    return torch.cat([b & 0xF, b >> 4], dim=2).permute(0, 2, 1).reshape(N, K)
+
+
+@functools.cache
+def aten_int4_block() -> int | None:
+    """Output channels per block of ATen's CPU int4 layout here: ``packed.view(out / B, in, B / 2)[b, k, j]``
+    holds channel ``B b + j`` in its low nibble and ``B b + B / 2 + j`` in its high one, with B = 64 where
+    torch runs its AVX-512 kernels and 32 with AVX2. Found by packing a random matrix and reading it back,
+    not assumed from the CPU; None if neither fits (then ATen's kernel runs for every row count)."""
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    for B in (64, 32):
+        if torch.equal(_unpack_aten(packed, B, *q.shape), q.to(torch.uint8)):
+            return B
+    return None
 
 
 def fit_int4(wg: torch.Tensor, compute: torch.dtype, levels: int = 15, iters: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -191,6 +191,7 @@ BAD = [
     ("/v1/images/generations", {"prompt": "x", "seed": -1}, "seed"),
     ("/v1/images/generations", {"prompt": "x", "best_of": 0}, "'best_of'=0"),
     ("/v1/images/generations", {"prompt": "x", "best_of": 2}, "self-check"),  # the tiny model names none
+    ("/v1/images/generations", {"prompt": "x", "redraws": 9}, "'redraws'=9"),
 ]
 
 

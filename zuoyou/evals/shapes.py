@@ -36,9 +36,11 @@ def eval_prompts(per_category: int, seed: int = EVAL_SEED) -> dict[str, list]:
 
 
 def geneval(pipe, per_category: int = 24, images: int = 4, seed: int = EVAL_SEED, cfg=None, temperature=None,
-            best_of: int | None = None, out_dir: Path | None = None, batch_prompts: int = 32, log=None) -> dict:
-    """``best_of``: candidates per image, ranked by the model's own check (None: the model's default).
-    The judge sees only the images kept."""
+            best_of: int | None = None, redraws: int | None = None, out_dir: Path | None = None,
+            batch_prompts: int = 32, log=None) -> dict:
+    """``best_of``: candidates per image, ranked by the model's own check; ``redraws``: more rounds of them
+    for an image whose best one fails that check (None: the model's defaults). The judge sees only the
+    images kept."""
     prompts = eval_prompts(per_category, seed)
     flat = [(c, p) for c in CATEGORIES for p in prompts[c]]
     results = {c: [] for c in CATEGORIES}
@@ -47,7 +49,7 @@ def geneval(pipe, per_category: int = 24, images: int = 4, seed: int = EVAL_SEED
     for i in range(0, len(flat), batch_prompts):
         chunk = flat[i:i + batch_prompts]
         reqs = [pipe.image_request(p.text, n=images, cfg=cfg, temperature=temperature, seed=seed + i + j,
-                                   best_of=best_of) for j, (_, p) in enumerate(chunk)]
+                                   best_of=best_of, redraws=redraws) for j, (_, p) in enumerate(chunk)]
         outs = pipe.engine.generate_images(reqs)
         for (c, p), imgs in zip(chunk, outs):
             for img in imgs:
@@ -60,7 +62,7 @@ def geneval(pipe, per_category: int = 24, images: int = 4, seed: int = EVAL_SEED
               "prompts_per_category": per_category, "seed": seed, "seconds": round(time.time() - t0, 1),
               "cfg": cfg if cfg is not None else pipe.defaults.cfg,
               "temperature": temperature if temperature is not None else pipe.defaults.temperature,
-              "best_of": reqs[0].best_of}
+              "best_of": reqs[0].best_of, "redraws": reqs[0].redraws}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +186,9 @@ def _geneval_md(r: dict) -> str:
     lines = ["# ShapesWorld GenEval-style report", "",
              f"{r['prompts_per_category']} prompts per category x {r['images_per_prompt']} images, seed {r['seed']}, "
              f"CFG {r['cfg']}, temperature {r['temperature']}"
-             + (f", each image the best of {r['best_of']} by the model's own check" if r.get("best_of", 1) > 1 else ""),
+             + (f", each image the best of {r['best_of']} by the model's own check" if r.get("best_of", 1) > 1 else "")
+             + (f" (up to {r['redraws']} more rounds while it fails)" if r.get("best_of", 1) > 1 and r.get("redraws")
+                else ""),
              "", "| category | score |", "|---|---|"]
     lines += [f"| {c} | {s:.3f} |" for c, s in r["categories"].items()]
     lines += [f"| **overall** | **{r['overall']:.3f}** |", ""]

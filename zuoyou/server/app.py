@@ -4,7 +4,9 @@ Endpoints
   POST /v1/chat/completions     OpenAI chat (text + ``image_url`` data-URI parts), ``stream`` as SSE.
   POST /v1/images/generations   OpenAI images (``b64_json`` only, native size), extras ``cfg``,
                                 ``temperature``, ``top_k``, ``top_p``, ``seed``, ``best_of`` (candidates
-                                per image, ranked by the model's own check; default: the model's).
+                                per image, ranked by the model's own check; default: the model's),
+                                ``redraws`` (more rounds of them while an image fails that check; the
+                                requests batched with it wait for them).
                                 With ``"stream": true`` it answers server-sent events in the OpenAI
                                 image-streaming shape: ``image_generation.partial_image`` events (grey
                                 where not yet drawn; ``partial_images`` of them per image, default 3,

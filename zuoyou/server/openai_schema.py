@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..engine import MAX_BEST_OF, ImageRequest, TextRequest
+from ..engine import MAX_BEST_OF, MAX_REDRAWS, ImageRequest, TextRequest
 from ..errors import InputError
 from ..processor import Message, open_image
 
@@ -317,9 +317,10 @@ def parse_images(body: dict, pipe, limits: Limits) -> ImageSpec:
     best_of = get_num(body, "best_of", d.best_of, 1, MAX_BEST_OF, integer=True)
     if best_of > 1 and pipe.engine.checker is None:
         raise bad(f"best_of={best_of}: this model has no self-check to rank candidates by", "best_of")
+    redraws = get_num(body, "redraws", d.redraws, 0, MAX_REDRAWS, integer=True)
     stream = get_bool(body, "stream")
     partial = get_num(body, "partial_images", 3 if stream else 0, 0, limits.max_partial_images, integer=True)
-    req = ImageRequest(prompt, n, cfg, temperature, top_k, top_p, seed, best_of)
+    req = ImageRequest(prompt, n, cfg, temperature, top_k, top_p, seed, best_of, redraws)
     proc, eng = pipe.engine.processor, pipe.engine
     ids = proc.generation_ids(prompt)
     if len(ids) + pipe.config.vq.num_tokens > eng.context:

@@ -121,8 +121,8 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
     recent = []
     t0, last_ckpt = time.time() - state["elapsed"], time.time()
     step = state["step"]
-    while time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
+    while time.time() - t0 < budget and (max_steps is None or step < max_steps):
+        frac = max((time.time() - t0) / budget, 0.0 if max_steps is None else step / max_steps)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = image_batch(rng, batch, crop)
@@ -177,13 +177,15 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
 
 
 def polish_decoder(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: float = 3e-4, seed: int = 777,
-                   log=print, resume: bool = True) -> VQModel:
+                   log=print, resume: bool = True, max_steps: int | None = None) -> VQModel:
     """Train only the decoder side (``post_quant_conv`` + ``decoder``) on whole 64x64 scenes, the codes fixed.
 
     The encoder and codebook are frozen, so every image keeps exactly the codes the LM was (or will be)
     trained on; only the pixels drawn from them get better. ``train_vq`` learns on 32x32 crops with a
     moving codebook; here the decoder sees whole scenes (its attention, its borders) and the final codes.
     The same ``pixel_loss``, bf16 autocast, cosine decay to 2 %; checkpoints atomically to ``out_ckpt``.
+    ``max_steps`` also ends it at that many steps in all (the schedule then follows whichever budget runs
+    out first): the same work on a fast or a slow machine (tests).
     """
     rng = random.Random(seed)
     params = list(vq.post_quant_conv.parameters()) + list(vq.decoder.parameters())
@@ -198,8 +200,8 @@ def polish_decoder(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: f
         log(f"decoder: resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min done)")
     budget, step = minutes * 60, state["step"]
     t0, last_ckpt, avg = time.time() - state["elapsed"], time.time(), None
-    while time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
+    while time.time() - t0 < budget and (max_steps is None or step < max_steps):
+        frac = max((time.time() - t0) / budget, 0.0 if max_steps is None else step / max_steps)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 30) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
         scenes = [sample_scene(rng) for _ in range(batch)]
