@@ -377,7 +377,7 @@ def test_int4_quality_on_the_bundled_model(bundled_int4):
 @pytest.mark.xfail(strict=True, reason="known: the bundled v24 (like v15, v17 and v21) is sharper than v12: at its CFG 3 int4's "
                                        "image KL is 0.066 against the bound of 0.05 (int8 0.026), with the image head in "
                                        "float and least-squares grids (v21: 0.066; v17: 0.051, min-max grids 0.057; v12: 0.042). Held "
-                                       "out, int4 scored as fp32 on v17 (README, Thirteenth session)")
+                                       "out, int4 scored as fp32 on v17 (docs/shapes-training-log.md, Thirteenth session)")
 def test_int4_image_quality_on_the_bundled_model_at_its_defaults(bundled_int4):
     """int4's image distributions stay within int8's bound at the model's own CFG (v12 at CFG 3: 0.042; 0.051,
     over the bound, while int4 also put the image head in int8, which CFG amplifies; see ``quantized_part``)."""

@@ -1,5 +1,6 @@
 """The recipes of ``zuoyou train shapes`` (``RECIPES``, by name), each a ``Recipe``: budgets, data mixes and the
-options of its stages (``zuoyou.train.shapes.stages`` turns one into stages).
+options of its stages (``zuoyou.train.shapes.stages`` turns one into stages). "training log" below is
+``docs/shapes-training-log.md``, where each recipe's measurements are.
 
 Twenty-four recipes; ``v24``, the default, built the bundled model, ``v21`` the one before, ``v1`` the first.
 ``v2`` gives a far better VQ (every patch content one code: H(code | patch) 0.20 instead of 5.6 nats; 98.6 % instead
@@ -10,39 +11,39 @@ pre-trained understanding encoder, 1-2 questions per image, more generation data
 and a compiled trunk (~20 % faster steps). ``v4`` is v3 with a 256-wide ``gen_embed`` drawn from
 N(0, 1): Janus's 8-wide one, drawn like every weight from N(0, 0.02), fed image codes into the LM at
 norm ~0.003 through the aligner (text tokens: ~0.32), and the model could hardly tell which codes
-it had drawn (measured: README, "Recipe v4"). ``v5`` is v4 plus a fourth stage, a warm restart of SFT
-(70 min, lr 3e-4 -> 2 %, 70 % GenEval-style prompts): lower losses, the same held-out scores (README,
+it had drawn (measured: training log, "Recipe v4"). ``v5`` is v4 plus a fourth stage, a warm restart of SFT
+(70 min, lr 3e-4 -> 2 %, 70 % GenEval-style prompts): lower losses, the same held-out scores (training log,
 "Recipe v5"). ``v6`` is v4 with the understanding encoder pre-trained 24 minutes instead of 8 (held-out objects
 classified exactly: 99.1 % instead of 74 %): held-out VQA 0.753 instead of 0.513, GenEval-style 0.394
-instead of 0.359 (README, "Recipe v6"). ``v7`` is v6 on v2's VQ, with the encoder also taught each object's place on
+instead of 0.359 (training log, "Recipe v6"). ``v7`` is v6 on v2's VQ, with the encoder also taught each object's place on
 the canvas: a perfect encoder (100 % of held-out images exact, relations read off it 99.4 % right), but
-its LM learned question answering far more slowly, even with the scene given in words (README, "Recipe
+its LM learned question answering far more slowly, even with the scene given in words (training log, "Recipe
 v7"); stopped after stage 2, not the default. ``v8`` is v6 with that canvas label alone: relations stayed at
-chance (held out 0.539), VQA 0.700 and GenEval-style 0.366, with a third fewer stage-3 steps than v6 (README,
+chance (held out 0.539), VQA 0.700 and GenEval-style 0.366, with a third fewer stage-3 steps than v6 (training log,
 "Recipe v8"); not the default. ``v9`` is v6 with 80 % GenEval-style prompts among the generation examples of
-stages 2 and 3 instead of 50 % (README, "Recipe v9"): held out VQA 0.815 instead of 0.753, GenEval-style 0.384
+stages 2 and 3 instead of 50 % (training log, "Recipe v9"): held out VQA 0.815 instead of 0.753, GenEval-style 0.384
 (each image drawn once; v6 0.394) and 0.587 with its default of each image the best of four by its own answers
 (v6 the same way: 0.530). ``v10`` is v9 with 25 more minutes of SFT (lr warmed back up to 3e-4): held out VQA 0.855,
-GenEval-style 0.439 drawn once and 0.587 with the self-check (README, "Recipe v10"). ``v11`` and ``v12`` add a second and a
+GenEval-style 0.439 drawn once and 0.587 with the self-check (training log, "Recipe v10"). ``v11`` and ``v12`` add a second and a
 third such restart: held out VQA 0.875 and 0.888, GenEval-style drawn once 0.425 and 0.450, with the self-check
-0.634 and 0.656 (README, "Recipes v11 and v12"). ``v13``, ``v14`` and ``v15`` add a fourth, fifth and sixth, whose
+0.634 and 0.656 (training log, "Recipes v11 and v12"). ``v13``, ``v14`` and ``v15`` add a fourth, fifth and sixth, whose
 two-object scenes come in the named order (``in_named_order``): held out GenEval-style drawn once 0.488, 0.517 and
-0.573, with the self-check 0.677, 0.734 and 0.724, VQA 0.893, 0.897 and 0.912 (README, "Twelfth session"). ``v16``,
+0.573, with the self-check 0.677, 0.734 and 0.724, VQA 0.893, 0.897 and 0.912 (training log, "Twelfth session"). ``v16``,
 ``v17`` and ``v18`` add a seventh, eighth and ninth in the named order, whose GenEval-style prompts favour the weak
 categories (``Recipe.category_weights``: two objects and counting x1.5, colour attribution x2): held out drawn once
-0.573, 0.602 and 0.606, with the self-check 0.740, 0.797 and 0.799, VQA 0.912, 0.915 and 0.905 (README, "Thirteenth
+0.573, 0.602 and 0.606, with the self-check 0.740, 0.797 and 0.799, VQA 0.912, 0.915 and 0.905 (training log, "Thirteenth
 session"; v18's last stage ran 1047 steps on a machine shared with a test run, v17's 1541). ``v19`` is v18 with a tenth
 of its last stage's understanding examples crowded scenes (five or six objects) asked their counts, and ``v20`` v19
 with a fifth its own drawings asked what the judge sees in them (``zuoyou.train.reading``): they teach the reader
 behind the self-check. Held out with the self-check 0.790 and **0.823**, drawn once 0.635 and 0.582, VQA 0.915 and
 0.898; on validation prompts (1152 images, 1200 questions) with the self-check v17 0.763, v19 0.803, v20 0.839, VQA
-0.921, 0.921 and 0.926 (README, "Fourteenth session"). ``v21`` is v20 with one more such restart: validation 0.848,
+0.921, 0.921 and 0.926 (training log, "Fourteenth session"). ``v21`` is v20 with one more such restart: validation 0.848,
 VQA 0.931; held out with the self-check 0.811, drawn once 0.646, VQA 0.917. ``v22`` is v21 with its VQ decoder
 trained 30 more minutes on whole scenes, every code unchanged (``Recipe.decoder_minutes``): held-out reconstructions
 parse back exactly 0.990 instead of 0.933; validation with the self-check 0.892, held out 0.898, drawn once 0.655, VQA
 0.917. ``v23`` is v22 with an eleventh restart of v21's kind: validation 0.904, VQA 0.927; held out 0.899, drawn once
 0.707, VQA 0.912; ``v24`` v23 with a twelfth: validation 0.920, VQA 0.922; held out 0.922, drawn once 0.705, VQA 0.905
-(README, "Fifteenth session").
+(training log, "Fifteenth session").
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ RECIPES = {
     "v8": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256, 1.0,
                  encoder_absolute=True),
     # v6 with 80 % GenEval-style prompts among stage 2 and 3's generation examples (v6: 50 %): in 22-minute
-    # generation-only probes, template prompts alone scored 1.5-1.7x half templates, half captions (README,
-    # "Ninth session"); a fifth of captions is kept so that sizes and relations in users' prompts stay known
+    # generation-only probes, template prompts alone scored 1.5-1.7x half templates, half captions (training
+    # log, "Ninth session"); a fifth of captions is kept so that sizes and relations in users' prompts stay known
     "v9": Recipe({}, False, (0.08, 0.42, 0.50), ((2, 1, 7), (3, 1, 6)), (1, 2), False, 80.0, 26.0, 24.0, True, 256, 1.0,
                  prompt_share=0.8),
     # v9, then 25 more minutes of SFT (lr back up to 3e-4, cosine to 2 %): in a tenth-session probe that
