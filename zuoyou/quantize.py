@@ -132,7 +132,8 @@ class Int8Linear(nn.Module):
         elif self.kernel == "aten" and self.packable and x2.shape[0] <= PACK_MAX_ROWS:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scales)
         else:
-            y = F.linear(x2, self.codes().to(self.compute_dtype)) * self.scales
+            dt = dense_dtype(x2)  # fp32 where the CPU has no native bf16 GEMM
+            y = (F.linear(x2.to(dt), self.codes().to(dt)) * self.scales).to(x2.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features).to(x.dtype)
@@ -230,8 +231,8 @@ class Int4Linear(nn.Module):
         eye = torch.eye(self.in_features, dtype=self.compute_dtype)  # the kernel applied to the identity
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).t()
 
-    def unpack(self) -> torch.Tensor:
-        """(out, in) weights in the compute dtype, unpacked with tensor ops.
+    def unpack(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(out, in) weights in ``dtype`` (default: the compute dtype), unpacked with tensor ops.
 
         The "aten" layout: ``aten_int4_block``. The "vnni" layout: ``zuoyou.kernels.int4``.
         """
@@ -244,7 +245,7 @@ class Int4Linear(nn.Module):
             scale, zero = (t.t().float() for t in self.scales_zeros.unbind(-1))
             base = zero - 8 * scale
         w = q.view(N, K // self.group, self.group).float() * scale[..., None] + base[..., None]  # (out, G, group)
-        return w.view(N, K).to(self.compute_dtype)
+        return w.view(N, K).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -253,7 +254,8 @@ class Int4Linear(nn.Module):
             # prefill: the decode kernels have no fast path for many rows; unpacking + one GEMM is faster
             y = F.linear(x2, int4k.dense(self.packed, self.scale, self.low))  # bf16, the compute dtype
         elif x2.shape[0] > PACK_MAX_ROWS and self.kernel == "aten" and self.unpackable:
-            y = F.linear(x2, self.unpack())
+            dt = dense_dtype(x2)  # fp32 where the CPU has no native bf16 GEMM
+            y = F.linear(x2.to(dt), self.unpack(dt)).to(x2.dtype)
         elif self.kernel == "vnni":
             y = int4k.mm(x2, self.packed, self.scale, self.low)
         else:
@@ -264,6 +266,23 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, kernel={self.kernel}"
+
+
+def dense_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a dequantised GEMM (prefill) on ``x``: its own, except bf16 on a CPU without native bf16
+    matmuls (oneDNN reports none, e.g. AVX2 only), where fp32 is ~4x faster (AMD EPYC, 2 cores, 640 x 2048 x
+    5632: 0.27 s against 1.07 s; Janus-Pro-1B int4, one 384 px image's prefill: see benchmarks/README.md)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _cpu_bf16_gemm():
+        return torch.float32
+    return x.dtype
+
+
+@functools.cache
+def _cpu_bf16_gemm() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: assume bf16 is native
+        return True
 
 
 def _unpack_aten(packed: torch.Tensor, B: int, N: int, K: int) -> torch.Tensor:
