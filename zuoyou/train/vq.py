@@ -121,8 +121,8 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
     recent = []
     t0, last_ckpt = time.time() - state["elapsed"], time.time()
     step = state["step"]
-    while time.time() - t0 < budget and (max_steps is None or step < max_steps):
-        frac = max((time.time() - t0) / budget, 0.0 if max_steps is None else step / max_steps)
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = image_batch(rng, batch, crop)
