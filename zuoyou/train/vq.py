@@ -105,8 +105,9 @@ def pixel_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float = 2e-3, seed: int = 0,
              warmup_steps: int = 150, restart_every: int = 50, log=print, resume: bool = True,
              crop: int | None = 32, consistency: float = 0.0, min_code_dist: float = 0.0,
-             per_content_pool: bool = False) -> VQModel:
-    """Train ``vq`` for about ``minutes`` of wall time; checkpoints atomically to ``out_ckpt``."""
+             per_content_pool: bool = False, max_steps: int | None = None) -> VQModel:
+    """Train ``vq`` for about ``minutes`` of wall time (or ``max_steps`` steps in all, if that comes first:
+    tests); checkpoints atomically to ``out_ckpt``."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(vq.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -121,8 +122,8 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
     recent = []
     t0, last_ckpt = time.time() - state["elapsed"], time.time()
     step = state["step"]
-    while time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
+    while time.time() - t0 < budget and (max_steps is None or step < max_steps):
+        frac = max((time.time() - t0) / budget, 0.0 if max_steps is None else step / max_steps)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = image_batch(rng, batch, crop)
