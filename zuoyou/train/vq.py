@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..models.vq import VQModel
 from ..shapes.world import render, sample_scene
 from .checkpoint import exists, load_checkpoint, save_checkpoint
+from .loop import Stage
 
 
 def scenes_to_tensor(scenes) -> torch.Tensor:
@@ -200,11 +201,12 @@ def polish_decoder(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: f
         rng.setstate(state["rng"])
         log(f"decoder: resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min done)")
     budget, step = minutes * 60, state["step"]
+    sched = Stage("decoder", lr=lr, minutes=minutes, warmup=30, decay=True)  # the LM stages' lr schedule
     t0, last_ckpt, avg = time.time() - state["elapsed"], time.time(), None
     while time.time() - t0 < budget and (max_steps is None or step < max_steps):
         frac = max((time.time() - t0) / budget, 0.0 if max_steps is None else step / max_steps)
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 30) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+            g["lr"] = sched.lr_at(step, frac)
         scenes = [sample_scene(rng) for _ in range(batch)]
         x = scenes_to_tensor(scenes)
         codes = encode_images(vq, x)  # (B, grid*grid), no grad
