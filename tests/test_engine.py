@@ -256,8 +256,9 @@ def test_redraws_keep_the_best_of_every_round(tiny_pipe, monkeypatch):
     draws = []
     real = engine._draw
     monkeypatch.setattr(engine, "_draw", lambda reqs, *a: draws.append([r.n for r in reqs]) or real(reqs, *a))
+    before = engine.rounds_drawn
     kept = tiny_pipe.generate("a red circle", n=1, seed=5, redraws=2, **kw)
-    assert draws == [[2], [2], [2]]
+    assert draws == [[2], [2], [2]] and engine.rounds_drawn - before == 3
     assert same(kept, [cands[int(score.argmax())]])
     draws.clear()  # everything passes: no second round, the same image as without redraws
     monkeypatch.setattr(engine_mod, "PASS_LOGP", float("-inf"))

@@ -90,6 +90,9 @@ class Engine:
         # prompt -> [(question, answer), ...] that a correct drawing answers so (e.g. ``zuoyou.shapes.
         # self_checks``, named by the model folder's generation defaults); what ``best_of`` ranks by
         self.checker: Callable[[str], list[tuple[str, str]]] | None = None
+        # drawing rounds run so far (batches of images decoded; ``best_of`` redraws add rounds): for
+        # benchmarks and logs, which read how often the self-check sent images back
+        self.rounds_drawn = 0
         # the one-token decode step; ``compile=True`` hands it to torch.compile (the first request of a
         # new batch size / length recompiles, after which torch marks the changing sizes dynamic);
         # "max-autotune" also freezes the weights as constants, which lets inductor pick its packed
@@ -252,6 +255,7 @@ class Engine:
 
     @torch.inference_mode()
     def _draw(self, requests: list[ImageRequest], progress: bool, preview, preview_every: int):
+        self.rounds_drawn += 1
         vq = self.config.vq
         T, P = vq.num_tokens, len(requests)
         prompts = [self.processor.generation_ids(r.prompt) for r in requests]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from zuoyou.loading import load_model
 from zuoyou.processor import Processor
 from zuoyou.train.batch import Example, generation_example
-from zuoyou.train.loop import Stage, train
+from zuoyou.train.loop import Stage, timed_steps, train
 
 PROMPTS = ["a photo of a red circle", "a blue square left of a green cross", "a photo of a circle"]
 
@@ -49,3 +50,22 @@ def test_compiled_trunk_matches_eager(tiny_dir, tmp_path):
         assert a.keys() == b.keys() == {"text", "image"}
         for k in a:
             assert b[k] == pytest.approx(a[k], abs=1e-4)
+
+
+def test_timed_steps_stops_at_the_step_cap_and_checkpoints_at_the_end():
+    saved = []
+    got = list(timed_steps(60, step=3, max_steps=7, checkpoint=lambda s, e: saved.append((s, e))))
+    assert [s for s, _ in got] == [3, 4, 5, 6]  # resumed at step 3, 7 in all
+    fracs = [f for _, f in got]
+    assert fracs == sorted(fracs) and fracs[0] == pytest.approx(3 / 7, abs=1e-3)  # the steps' share leads the clock's
+    assert [s for s, _ in saved] == [7] and saved[0][1] < 60
+
+
+def test_timed_steps_counts_the_elapsed_time_of_an_earlier_run():
+    # 59.9 of 60 s were spent before the resume: steps of 50 ms leave room for about two more
+    got = []
+    for step, frac in timed_steps(1.0, elapsed=59.9):
+        got.append(frac)
+        time.sleep(0.05)
+    assert 1 <= len(got) <= 3 and all(f > 0.99 for f in got)
+    assert list(timed_steps(1.0, elapsed=60.0)) == []

@@ -55,6 +55,40 @@ class Stage:
         return lr
 
 
+def timed_steps(minutes: float, step: int = 0, elapsed: float = 0.0, max_steps: int | None = None,
+                checkpoint: Callable[[int, float], None] | None = None, every: float = 120.0, desc: str | None = None):
+    """The schedule of the small single-model loops (the VQ, its decoder, the understanding encoder).
+
+    Yields ``(step, frac)`` until ``minutes`` of wall time have passed (``elapsed`` of them in an earlier,
+    resumed run) or, if given, ``max_steps`` steps in all, whichever comes first. ``frac`` is the share of
+    the budget used by the clock or by the steps (whichever is further: the learning-rate schedule then
+    ends with the run, on a fast or a slow machine). ``checkpoint(steps_done, elapsed)`` runs every
+    ``every`` seconds and once at the end. ``desc``: a progress bar (seconds) on stderr.
+    """
+    budget = minutes * 60
+    t0, last = time.time() - elapsed, elapsed
+    bar = None
+    if desc:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(budget), initial=int(elapsed), desc=desc, unit="s", file=sys.stderr, dynamic_ncols=True)
+    try:
+        while (now := time.time() - t0) < budget and (max_steps is None or step < max_steps):
+            yield step, max(now / budget, 0.0 if max_steps is None else step / max_steps)
+            step += 1
+            now = time.time() - t0
+            if bar is not None:
+                bar.update(min(int(now), bar.total) - bar.n)
+            if checkpoint is not None and now - last > every:
+                checkpoint(step, now)
+                last = now
+        if checkpoint is not None:
+            checkpoint(step, time.time() - t0)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 class DataSource(Protocol):
     processor: object
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..models.siglip import CLIPVisionTower
 from ..shapes.world import COLORS, SHAPES, SIZES, relations, sample_scene, shape_mask
-from .loop import Stage
+from .loop import Stage, timed_steps
 from .vq import scenes_to_tensor
 
 PATCH = 8
@@ -147,8 +147,8 @@ def pretrain_encoder(tower: CLIPVisionTower, minutes: float, seed: int = 0, batc
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = Stage("encoder", lr=lr, minutes=minutes, warmup=100, decay=True)  # the LM stages' schedule
     tower.train()
-    t0, step, stats = time.time(), 0, {}
-    while (frac := sched.progress(step, time.time() - t0)) < 1.0 and (max_steps is None or step < max_steps):
+    t0, steps, stats = time.time(), 0, {}
+    for step, frac in timed_steps(minutes, max_steps=max_steps, desc="encoder"):
         for g in opt.param_groups:
             g["lr"] = sched.lr_at(step, frac)
         x, centre, offset, cover = batch(rng, batch_size, reconstruct, recon_share)
@@ -159,13 +159,13 @@ def pretrain_encoder(tower: CLIPVisionTower, minutes: float, seed: int = 0, batc
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
-        if step % 200 == 0:
-            log(f"encoder pre-training: step {step}, {(time.time() - t0) / 60:.1f} min, "
+        steps = step + 1
+        if steps % 200 == 0:
+            log(f"encoder pre-training: step {steps}, {(time.time() - t0) / 60:.1f} min, "
                 + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
     tower.eval()
     with torch.no_grad():  # held-out scenes
         x, *targets = batch(random.Random(seed + 10_000_019), 256)
         _, held_out = patch_loss(head, tower(x), *targets)
-    return {"steps": step, "minutes": round((time.time() - t0) / 60, 2), "train": {k: round(v, 4) for k, v in stats.items()},
+    return {"steps": steps, "minutes": round((time.time() - t0) / 60, 2), "train": {k: round(v, 4) for k, v in stats.items()},
             "held_out": {k: round(v, 4) for k, v in held_out.items()}}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from ..models.vq import VQModel
 from ..shapes.world import render, sample_scene
 from .checkpoint import exists, load_checkpoint, save_checkpoint
-from .loop import Stage
+from .loop import Stage, timed_steps
 
 
 def scenes_to_tensor(scenes) -> torch.Tensor:
@@ -117,14 +116,14 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
         state = load_checkpoint(out_ckpt, vq, opt)
         rng.setstate(state["rng"])
         log(f"vq: resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min done)")
-    budget = minutes * 60
     K = vq.config.codebook_size
     usage = torch.zeros(K)
     recent = []
-    t0, last_ckpt = time.time() - state["elapsed"], time.time()
-    step = state["step"]
-    while time.time() - t0 < budget and (max_steps is None or step < max_steps):
-        frac = max((time.time() - t0) / budget, 0.0 if max_steps is None else step / max_steps)
+
+    def checkpoint(steps: int, elapsed: float) -> None:
+        save_checkpoint(out_ckpt, vq, opt, step=steps, elapsed=elapsed, rng=rng.getstate())
+
+    for step, frac in timed_steps(minutes, state["step"], state["elapsed"], max_steps, checkpoint, desc="vq"):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = image_batch(rng, batch, crop)
@@ -161,20 +160,16 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vq.parameters(), 1.0)
         opt.step()
-        step += 1
-        if step > warmup_steps and step % restart_every == 0:
+        done = step + 1
+        if done > warmup_steps and done % restart_every == 0:
             if min_code_dist > 0:  # till the end: the codebook loss keeps dragging codes back into the background blob
                 usage[crowded_codes(vq, usage, min_code_dist)] = 0
             restart = frac < 0.85 or min_code_dist > 0
             n_dead = restart_dead_codes(vq, usage, torch.cat(recent)) if restart else int((usage == 0).sum())
-            if step % (restart_every * 2) == 0:
-                log(f"vq step {step} {(time.time() - t0) / 60:.1f}min loss {loss.item():.4f} "
+            if done % (restart_every * 2) == 0:
+                log(f"vq step {done} ({frac:.0%} of the budget) loss {loss.item():.4f} "
                     f"q {q_loss.item():.4f} consistency {c_loss.item():.4f} used {(usage > 0).sum().item()}/{K} restarted {n_dead}")
             usage.zero_()
-        if time.time() - last_ckpt > 120:
-            save_checkpoint(out_ckpt, vq, opt, step=step, elapsed=time.time() - t0, rng=rng.getstate())
-            last_ckpt = time.time()
-    save_checkpoint(out_ckpt, vq, opt, step=step, elapsed=time.time() - t0, rng=rng.getstate())
     return vq
 
 
@@ -200,11 +195,13 @@ def polish_decoder(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: f
         state = load_checkpoint(out_ckpt, vq, opt)
         rng.setstate(state["rng"])
         log(f"decoder: resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min done)")
-    budget, step = minutes * 60, state["step"]
     sched = Stage("decoder", lr=lr, minutes=minutes, warmup=30, decay=True)  # the LM stages' lr schedule
-    t0, last_ckpt, avg = time.time() - state["elapsed"], time.time(), None
-    while time.time() - t0 < budget and (max_steps is None or step < max_steps):
-        frac = max((time.time() - t0) / budget, 0.0 if max_steps is None else step / max_steps)
+    avg = None
+
+    def checkpoint(steps: int, elapsed: float) -> None:
+        save_checkpoint(out_ckpt, vq, opt, step=steps, elapsed=elapsed, rng=rng.getstate())
+
+    for step, frac in timed_steps(minutes, state["step"], state["elapsed"], max_steps, checkpoint, desc="vq decoder"):
         for g in opt.param_groups:
             g["lr"] = sched.lr_at(step, frac)
         scenes = [sample_scene(rng) for _ in range(batch)]
@@ -217,14 +214,9 @@ def polish_decoder(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: f
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        if step % 100 == 0:
-            log(f"decoder step {step} {(time.time() - t0) / 60:.1f}min loss {avg:.5f}")
-        if time.time() - last_ckpt > 120:
-            save_checkpoint(out_ckpt, vq, opt, step=step, elapsed=time.time() - t0, rng=rng.getstate())
-            last_ckpt = time.time()
-    save_checkpoint(out_ckpt, vq, opt, step=step, elapsed=time.time() - t0, rng=rng.getstate())
+        if (step + 1) % 100 == 0:
+            log(f"decoder step {step + 1} ({frac:.0%} of the budget) loss {avg:.5f}")
     vq.requires_grad_(False)
     return vq
 
