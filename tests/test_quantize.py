@@ -112,6 +112,20 @@ def test_int4_linear_matches_dequantised_weights(rows, kernel):
     assert torch.allclose(q(x), want, atol=0.03, rtol=0.02)
 
 
+@pytest.mark.skipif("vnni" not in KERNELS, reason="zuoyou's int4 kernels are not available here")
+def test_int4_vnni_prefill_in_chunks_matches_dequantised_weights():
+    """Prefill (> VNNI_MAX_ROWS rows) unpacks ``PREFILL_OUTPUTS`` output channels at a time: 2064 outputs are
+    chunks of 1024, 1024 and 16, each sliced from the packed layout, in ``dense_dtype``."""
+    from zuoyou.quantize import PREFILL_OUTPUTS, VNNI_MAX_ROWS
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 2 * PREFILL_OUTPUTS + 16)
+    q = Int4Linear.from_linear(lin, group=64, kernel="vnni")
+    x = torch.randn(VNNI_MAX_ROWS + 24, 128)
+    want = x.to(torch.bfloat16).float() @ q.dequantize().float().t() + lin.bias.detach()
+    assert torch.allclose(q(x).float(), want, atol=0.03, rtol=0.02)
+
+
 def test_int4_least_squares_grid_never_loses_to_min_max():
     """``fit_int4``: per group, no more squared error than the min-max grid (where it starts), less on the
     whole; scale and low hold bf16 values; a constant group stays exact."""

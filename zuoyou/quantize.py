@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import gc
 import re
+import time
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,7 @@ MODES = ("int8", "int4")
 INT4_GROUPS = (64, 32, 128, 256)  # group sizes the CPU int4 kernel takes, in order of preference
 PACK_MAX_ROWS = 16  # above this, dequantise + GEMM is faster than the int8 matrix-vector kernel
 VNNI_MAX_ROWS = 96  # the same for the VNNI kernels (they read the weights once per 8 rows)
+PREFILL_OUTPUTS = 1024  # output channels per dequantised GEMM of a VNNI-layout int4 prefill
 
 
 def _kernel_for(w: torch.Tensor, compute: torch.dtype, kernel: str | None, group: int = int4k.GROUP) -> str:
@@ -132,7 +134,7 @@ class Int8Linear(nn.Module):
         elif self.kernel == "aten" and self.packable and x2.shape[0] <= PACK_MAX_ROWS:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scales)
         else:
-            dt = dense_dtype(x2)  # fp32 where the CPU has no native bf16 GEMM
+            dt = dense_dtype(x2)  # fp32 where the CPU's bf16 GEMM is slower
             y = (F.linear(x2.to(dt), self.codes().to(dt)) * self.scales).to(x2.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -251,10 +253,9 @@ class Int4Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
         if x2.shape[0] > VNNI_MAX_ROWS and self.kernel == "vnni":
-            # prefill: the decode kernels have no fast path for many rows; unpacking + one GEMM is faster
-            y = F.linear(x2, int4k.dense(self.packed, self.scale, self.low))  # bf16, the compute dtype
+            y = self._prefill_vnni(x2)
         elif x2.shape[0] > PACK_MAX_ROWS and self.kernel == "aten" and self.unpackable:
-            dt = dense_dtype(x2)  # fp32 where the CPU has no native bf16 GEMM
+            dt = dense_dtype(x2)  # fp32 where the CPU's bf16 GEMM is slower
             y = F.linear(x2.to(dt), self.unpack(dt)).to(x2.dtype)
         elif self.kernel == "vnni":
             y = int4k.mm(x2, self.packed, self.scale, self.low)
@@ -264,15 +265,29 @@ class Int4Linear(nn.Module):
             y = y + self.bias
         return y.view(*lead, self.out_features).to(x.dtype)
 
+    def _prefill_vnni(self, x2: torch.Tensor) -> torch.Tensor:
+        """Many rows (prefill): the decode kernels have no fast path for them, so the weights are unpacked and
+        multiplied by one GEMM per ``PREFILL_OUTPUTS`` output channels (the packed layout slices by blocks of
+        16 outputs), in ``dense_dtype``. The chunks bound the dense copy alive at once (Janus-Pro-1B's MLP,
+        5632 x 2048: 46 MB in fp32 whole, 8 MB per chunk)."""
+        dt = dense_dtype(x2)  # fp32 where the CPU's bf16 GEMM is slower
+        x = x2.to(dt)
+        b = PREFILL_OUTPUTS // int4k.BLOCK  # (N / 16) blocks per chunk
+        y = torch.cat([F.linear(x, int4k.dense(self.packed[i:i + b], self.scale[i:i + b], self.low[i:i + b]).to(dt))
+                       for i in range(0, self.packed.shape[0], b)], dim=-1)  # (M, N)
+        return y.to(x2.dtype)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, kernel={self.kernel}"
 
 
 def dense_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype of a dequantised GEMM (prefill) on ``x``: its own, except bf16 on a CPU without native bf16
-    matmuls (oneDNN reports none, e.g. AVX2 only), where fp32 is ~4x faster (AMD EPYC, 2 cores, 640 x 2048 x
-    5632: 0.27 s against 1.07 s; Janus-Pro-1B int4, one 384 px image's prefill: see benchmarks/README.md)."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _cpu_bf16_gemm():
+    """The dtype of a dequantised GEMM (prefill) on ``x``: its own, except bf16 on a CPU whose bf16 GEMM is slower
+    than its fp32 one. Without native bf16 matmuls (oneDNN reports none, e.g. AVX2 only) fp32 is ~4x faster (AMD
+    EPYC, 2 cores, 640 x 2048 x 5632: 0.27 s against 1.07 s); with AVX-512 BF16 but no AMX still ~1.5x (Xeon, 2
+    cores, 600 x 2048 x 5632: 71 ms against 107); with AMX bf16 wins. Janus-Pro-1B int4, one 384 px image's
+    prefill: see benchmarks/README.md."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _cpu_bf16_gemm_faster():
         return torch.float32
     return x.dtype
 
@@ -283,6 +298,28 @@ def _cpu_bf16_gemm() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN: assume bf16 is native
         return True
+
+
+@functools.cache
+def _cpu_bf16_gemm_faster() -> bool:
+    """Whether a prefill-sized bf16 GEMM beats fp32 on this CPU: timed once per process (~0.1 s), since the
+    CPU's flags do not tell (AMX, which makes bf16 fast, has no query in torch)."""
+    if not _cpu_bf16_gemm():
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(256, 1024, generator=g), torch.randn(2048, 1024, generator=g)
+
+    def best(dt: torch.dtype) -> float:
+        xd, wd = x.to(dt), w.to(dt)
+        F.linear(xd, wd)  # warm-up (oneDNN primitive creation)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            F.linear(xd, wd)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(torch.bfloat16) < best(torch.float32)
 
 
 def _unpack_aten(packed: torch.Tensor, B: int, N: int, K: int) -> torch.Tensor:
