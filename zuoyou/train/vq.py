@@ -102,6 +102,14 @@ def pixel_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
 
 
+def _saver(out_ckpt, vq: VQModel, opt, rng: random.Random):
+    """``timed_steps``'s checkpoint callback for the VQ loops: model, optimiser, step count, elapsed time, data RNG."""
+    def save(steps: int, elapsed: float) -> None:
+        save_checkpoint(out_ckpt, vq, opt, step=steps, elapsed=elapsed, rng=rng.getstate())
+
+    return save
+
+
 def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float = 2e-3, seed: int = 0,
              warmup_steps: int = 150, restart_every: int = 50, log=print, resume: bool = True,
              crop: int | None = 32, consistency: float = 0.0, min_code_dist: float = 0.0,
@@ -119,11 +127,8 @@ def train_vq(vq: VQModel, out_ckpt, minutes: float, batch: int = 64, lr: float =
     K = vq.config.codebook_size
     usage = torch.zeros(K)
     recent = []
-
-    def checkpoint(steps: int, elapsed: float) -> None:
-        save_checkpoint(out_ckpt, vq, opt, step=steps, elapsed=elapsed, rng=rng.getstate())
-
-    for step, frac in timed_steps(minutes, state["step"], state["elapsed"], max_steps, checkpoint, desc="vq"):
+    for step, frac in timed_steps(minutes, state["step"], state["elapsed"], max_steps, _saver(out_ckpt, vq, opt, rng),
+                                  desc="vq"):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = image_batch(rng, batch, crop)
@@ -197,11 +202,8 @@ def polish_decoder(vq: VQModel, out_ckpt, minutes: float, batch: int = 32, lr: f
         log(f"decoder: resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min done)")
     sched = Stage("decoder", lr=lr, minutes=minutes, warmup=30, decay=True)  # the LM stages' lr schedule
     avg = None
-
-    def checkpoint(steps: int, elapsed: float) -> None:
-        save_checkpoint(out_ckpt, vq, opt, step=steps, elapsed=elapsed, rng=rng.getstate())
-
-    for step, frac in timed_steps(minutes, state["step"], state["elapsed"], max_steps, checkpoint, desc="vq decoder"):
+    for step, frac in timed_steps(minutes, state["step"], state["elapsed"], max_steps, _saver(out_ckpt, vq, opt, rng),
+                                  desc="vq decoder"):
         for g in opt.param_groups:
             g["lr"] = sched.lr_at(step, frac)
         scenes = [sample_scene(rng) for _ in range(batch)]
