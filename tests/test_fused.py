@@ -1,10 +1,11 @@
-"""RMSNorm and RoPE kernels (zuoyou.fused) against the model's own code, and a fused model against the plain one."""
+"""RMSNorm, RoPE and small-row bf16 linear kernels (zuoyou.fused) against the model's own code, and a fused model
+against the plain one."""
 
 import pytest
 import torch
 
 from zuoyou.config import LMConfig
-from zuoyou.fused import FusedRMSNorm, fuse, rope
+from zuoyou.fused import FusedRMSNorm, GemvLinear, fuse, rope
 from zuoyou.kernels import int4 as kernels
 from zuoyou.models.llama import LlamaForCausalLM, RMSNorm, apply_rope, rope_cos_sin
 
@@ -43,6 +44,26 @@ def test_rope_kernel_is_exact(dtype, T):
     x = torch.randn(B, T, H, hs, generator=g).to(dtype).transpose(1, 2)  # (B, H, T, hs), as the model's q
     with torch.no_grad():
         assert torch.equal(rope(x, cos, sin), apply_rope(x, cos, sin))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])  # 5: PyTorch's GEMM (the kernel takes up to 4)
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_linear_for_a_few_rows(rows, bias):
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(256, 1000, bias=bias).to(torch.bfloat16)  # 1000 outputs: not a multiple of the tasks
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1000, 256, generator=g))
+    module = torch.nn.Sequential(lin)
+    assert fuse(module) == 1 and type(module[0]) is GemvLinear and module[0].weight is lin.weight
+    x = torch.randn(rows, 1, 256, generator=g).to(torch.bfloat16)  # (B, T, K) as in a decode step
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+        got = module(x)
+    assert got.shape == (rows, 1, 1000) and got.dtype == torch.bfloat16
+    # fp32 sums in another order than PyTorch's, then one bf16 rounding: within a bf16 step of the exact value
+    assert ((got.float() - want).abs() <= want.abs() * 2 ** -8 + 1e-2).all()
+    x.requires_grad_(True)  # with gradients, nn.Linear's own code runs (the kernel has no backward)
+    assert module(x).grad_fn is not None
 
 
 def test_fused_model_decodes_like_the_plain_one():

@@ -1,5 +1,6 @@
 """The int8 KV cache: its kernel against PyTorch's attention over the same (dequantised) cache, the
-fallback path, and the whole decode path of the bundled model against the model's own cache."""
+fallback path, and the whole decode path of the bundled model against the model's own cache; the plain
+cache's kernel (``KernelKVCache``) against the model's ``KVCache``."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import zuoyou
 from zuoyou import kvcache
 from zuoyou.kernels import int4 as kernels
 from zuoyou.errors import ConfigError
-from zuoyou.kvcache import Int8KVCache, quantise
+from zuoyou.kvcache import Int8KVCache, KernelKVCache, cache_class, quantise
 from zuoyou.models.llama import KVCache, sdpa
 from zuoyou.quantize import compare_logits, image_code_logits
 
@@ -75,6 +76,37 @@ def test_kernel_and_fallback_agree(monkeypatch):
         runs.append(_run(cache, KVCache(2, 20, 4, 64, torch.float32, "cpu"), torch.float32, *shape, 8, 12)[1])
     for (a, _, _), (b, _, _) in zip(*runs):
         assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 64), (3, 8, 2, 128)])  # B, heads, kv heads (GQA), head size
+def test_decode_attention_over_the_plain_cache_on_the_kernel(dtype, shape):
+    if not kernels.available():
+        pytest.skip("no AVX-512 VNNI kernel here")
+    B, nh, nkv, hs = shape
+    L, steps = 9, 24
+    S = L + steps
+    fast, plain = KernelKVCache(B, S, nkv, hs, dtype, "cpu"), KVCache(B, S, nkv, hs, dtype, "cpu")
+    assert fast.kernel
+    g = torch.Generator().manual_seed(1)
+    mask = _mask(B, S)  # row 0 left-padded: its first slots are never attended
+    q, k, v = (torch.randn(B, n, L, hs, generator=g).to(dtype) for n in (nh, nkv, nkv))
+    for c in (fast, plain):  # prefill (PyTorch's attention in both)
+        c.attend(q, k, v, torch.arange(L), mask[:, :, :L, :L])
+    rounding = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the outputs' own rounding (PyTorch's in other order)
+    for slot in range(L, S):
+        q, k, v = (torch.randn(B, n, 1, hs, generator=g).to(dtype) for n in (nh, nkv, nkv))
+        m = mask[:, :, slot:slot + 1, :slot + 1] if slot % 2 else None  # with the mask, and over every slot
+        y, ref = fast.attend(q, k, v, torch.tensor([slot]), m), plain.attend(q, k, v, torch.tensor([slot]), m)
+        assert y.shape == (B, nh, 1, hs) and y.dtype == dtype
+        assert (y.float() - ref.float()).abs().max() < rounding
+        assert torch.equal(fast.k, plain.k) and torch.equal(fast.v, plain.v)  # the new slot written alike
+
+
+def test_cache_class_takes_the_kernel_only_where_kernels_are_in_use():
+    assert cache_class("model", False) is None  # the model's own KVCache
+    assert cache_class("model", True) is KernelKVCache
+    assert cache_class("int8", False) is cache_class("int8", True) is Int8KVCache
 
 
 def test_select_rows_repeats_the_prefilled_rows():

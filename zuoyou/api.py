@@ -150,7 +150,8 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
     steps run on zuoyou's AVX-512 VNNI kernels (AMX tiles for 5-8 rows where the CPU has them; built on
     first use) where the CPU, a C++ compiler and bf16 compute allow,
     else on ATen's kernels (``zuoyou.quantize.Int8Linear`` / ``Int4Linear``); on CPU these modes also run RMSNorm
-    and RoPE as one kernel call each in eager inference (``zuoyou.fused``).
+    and RoPE as one kernel call each in eager inference (``zuoyou.fused``), and one-token attention on zuoyou's
+    kernel (``zuoyou.kvcache.KernelKVCache``).
     ``compile=True``: ``torch.compile`` the one-token decode step (first call of each batch shape compiles);
     ``compile="max-autotune"``: autotuned, with frozen weights (see ``zuoyou.engine.Engine``).
     ``kv_cache="int8"``: keys and values stored as int8 (``zuoyou.kvcache``): about half the cache's memory
@@ -178,17 +179,19 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
             if t.dim() == 4:
                 t.data = t.data.contiguous(memory_format=torch.channels_last)
                 release_freed_memory()
+    kernels = False
     if dev.type == "cpu" and quantize:
-        # RMSNorm and RoPE in one kernel call each in eager inference (zuoyou/fused.py); with the quantised
-        # modes only, whose kernels are built anyway (a plain model never waits for a C++ build)
-        fuse(model)
+        # RMSNorm and RoPE in one kernel call each in eager inference (zuoyou/fused.py), and one-token
+        # attention on zuoyou's kernel (zuoyou/kvcache.py); with the quantised modes only, whose kernels are
+        # built anyway (a plain model never waits for a C++ build)
+        kernels = fuse(model) > 0
     defaults = GenerationDefaults.from_folder(folder)
     processor = Processor.from_folder(folder, config.vision.num_patches, config.vision.image_size,
                                       defaults.system_prompt)
     n_tok = processor.tokenizer.get_vocab_size(with_added_tokens=True)
     if n_tok > config.lm.vocab_size:
         raise CheckpointError(f"{folder}: tokenizer has {n_tok} tokens but the model embeds only {config.lm.vocab_size}")
-    engine = Engine(model, processor, dev, dtype_used, compile=compile, kv_cache=kv_cache)
+    engine = Engine(model, processor, dev, dtype_used, compile=compile, kv_cache=kv_cache, kernels=kernels)
     if defaults.self_check is not None:
         if defaults.self_check not in SELF_CHECKS:
             raise ConfigError(f"{folder / 'generation_defaults.json'}: self_check={defaults.self_check!r}; "

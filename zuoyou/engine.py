@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import ConfigError, InputError
-from .kvcache import KV_CACHES
+from .kvcache import KV_CACHES, cache_class
 from .memory import release_freed_memory
 from .models.janus import Janus
 from .processor import Message, Processor, TextStream, to_pil
@@ -79,12 +79,14 @@ def _round_seed(seed: int | None, rnd: int) -> int | None:
 
 class Engine:
     def __init__(self, model: Janus, processor: Processor, device: torch.device, dtype: torch.dtype,
-                 context: int | None = None, compile: bool | str = False, kv_cache: str = "model"):
+                 context: int | None = None, compile: bool | str = False, kv_cache: str = "model",
+                 kernels: bool = False):
         self.model, self.processor, self.device, self.dtype = model, processor, device, dtype
-        # how the KV cache stores keys and values: "model" in the compute dtype, "int8" ``zuoyou.kvcache``
+        # how the KV cache stores keys and values: "model" in the compute dtype, "int8" ``zuoyou.kvcache``;
+        # ``kernels``: zuoyou's CPU kernels are in use (quantised modes), so one-token attention runs on them too
         if kv_cache not in KV_CACHES:
             raise ConfigError(f"kv_cache={kv_cache!r}: use one of {', '.join(KV_CACHES)}")
-        self._cache = KV_CACHES[kv_cache]
+        self._cache = cache_class(kv_cache, kernels)
         self.config = model.config
         self.context = context or self.config.lm.max_position_embeddings
         # prompt -> [(question, answer), ...] that a correct drawing answers so (e.g. ``zuoyou.shapes.

@@ -1,9 +1,13 @@
-"""RMSNorm and RoPE as one kernel call each in eager inference, swapped in from outside the model.
+"""RMSNorm and RoPE as one kernel call each, and dense bf16 linears for a few rows, in eager inference,
+swapped in from outside the model.
 
 Why: besides its matrix products, an eager Janus-Pro-1B decode step runs ~700 small element-wise
 ops on 2 x 2048 values, each paying a few microseconds of dispatch: an RMSNorm with HF's roundings
 is ~9 of them (49 per step), RoPE on q and k ~13 (24 per step). ``zuoyou/kernels/fused_ops.cpp`` does
-each in one call with the same roundings. ``zuoyou.load`` applies ``fuse`` on CPU in the quantised
+each in one call with the same roundings. The float linears left in an int4 model (Janus-Pro-1B's image
+head: 64 MiB of bf16 read per step for 2 rows) read their weights at about half the memory bandwidth in
+PyTorch's bf16 GEMM at 1-4 rows; ``zuoyou/kernels/gemv.cpp`` streams them at close to it (same sums in
+another order: the outputs agree to bf16 rounding). ``zuoyou.load`` applies ``fuse`` on CPU in the quantised
 modes (whose kernels are built anyway), where zuoyou's kernels are available. Only inference takes the
 kernels (no autograd through them): training, ``torch.compile`` (which fuses these ops itself) and
 other devices run the model's own code.
@@ -37,9 +41,21 @@ def rope(x, cos, sin):
     return apply_rope(x, cos, sin)
 
 
+class GemvLinear(nn.Linear):
+    """``nn.Linear`` whose bf16 inputs of 1-4 rows (decode steps) take ``kernels.bf16_gemv``."""
+
+    def forward(self, x):
+        if (_kernel_for(x) and x.dtype == self.weight.dtype == torch.bfloat16 and x.numel() <= 4 * x.shape[-1]
+                and self.in_features % 16 == 0):
+            y = kernels.bf16_gemv(x.reshape(-1, self.in_features), self.weight, self.bias)  # (M, N)
+            return y.view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
 def fuse(model: nn.Module) -> int:
-    """Swap every ``RMSNorm`` of ``model`` for a ``FusedRMSNorm`` (same weight) and every attention's RoPE
-    for ``rope``, if zuoyou's kernels are available here; returns the number of swaps."""
+    """Swap every ``RMSNorm`` of ``model`` for a ``FusedRMSNorm`` (same weight), every attention's RoPE
+    for ``rope`` and every bf16 ``nn.Linear`` for a ``GemvLinear`` (same weights), if zuoyou's kernels are
+    available here; returns the number of swaps."""
     if not kernels.available():
         return 0
     swaps = 0
@@ -51,6 +67,11 @@ def fuse(model: nn.Module) -> int:
             if type(child) is RMSNorm:
                 fused = FusedRMSNorm(child.weight.shape[0], child.eps)
                 fused.weight = child.weight
-                setattr(module, name, fused)
-                swaps += 1
+            elif type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
+                fused = GemvLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                fused.weight, fused.bias = child.weight, child.bias
+            else:
+                continue
+            setattr(module, name, fused)
+            swaps += 1
     return swaps

@@ -1,5 +1,5 @@
 """The int4 / int8 x int8 decode kernels (``int4_vnni.cpp``): availability, build, weight layouts; and, in
-the same extension, one-token attention over an int8 KV cache (``kv8_attention.cpp``, ``zuoyou.kvcache``) and
+the same extension, one-token attention over an int8 or plain KV cache (``kv_attention.cpp``, ``zuoyou.kvcache``) and
 RMSNorm / RoPE in one call each (``fused_ops.cpp``, ``zuoyou.fused``).
 
 AVX-512 VNNI for 1-4 rows; from 5 rows on, AMX-INT8 tiles where the CPU has them and Linux grants
@@ -15,6 +15,7 @@ reported once as a warning.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import warnings
@@ -43,8 +44,14 @@ def _cpu_has_vnni() -> bool:
 
 
 def build_dir() -> Path:
+    """Where the build lives: per torch version and per version of these sources (a header changed alone
+    would not make torch's extension loader rebuild)."""
     root = os.environ.get("ZUOYOU_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zuoyou"
-    return Path(root) / "kernels" / f"torch-{torch.__version__}"
+    digest = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.[ch]*")):
+        if f.suffix in (".cpp", ".h"):
+            digest.update(f.name.encode() + f.read_bytes())
+    return Path(root) / "kernels" / f"torch-{torch.__version__}-{digest.hexdigest()[:12]}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +59,7 @@ def _module():
     from torch.utils import cpp_extension
 
     here = Path(__file__).parent
-    src = [str(here / name) for name in ("int4_vnni.cpp", "kv8_attention.cpp", "fused_ops.cpp")]
+    src = [str(here / name) for name in ("int4_vnni.cpp", "kv_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
     if not any(out.glob("*.so")):
@@ -187,6 +194,24 @@ def _(q, k, v, k8, ks, v8, vs, input_pos, mask, n_read):
     return torch.empty_like(q)
 
 
+def kv_attend(q, k, v, kc, vc, input_pos: torch.Tensor, mask, n_read: int) -> torch.Tensor:
+    """The same over a cache in q's dtype (``zuoyou.kvcache.KernelKVCache``)."""
+    if torch.compiler.is_compiling():
+        return _kv_op(q, k, v, kc, vc, input_pos, mask, n_read)
+    return _module().kv_attend(q, k, v, kc, vc, int(input_pos[0]), mask, n_read)
+
+
+@torch.library.custom_op("zuoyou::kv_attend", mutates_args=("kc", "vc"))
+def _kv_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+           input_pos: torch.Tensor, mask: torch.Tensor | None, n_read: int) -> torch.Tensor:
+    return _module().kv_attend(q, k, v, kc, vc, int(input_pos[0]), mask, n_read)
+
+
+@_kv_op.register_fake
+def _(q, k, v, kc, vc, input_pos, mask, n_read):
+    return torch.empty_like(q)
+
+
 # ------------------------------------------------------------------------------------ fused element-wise ops
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _module().rms_norm(x, weight, eps)
@@ -194,3 +219,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return _module().rope(x, cos, sin)
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(M <= 4, K) x (N, K) dense bf16 weights (+ bias) -> (M, N) in x's dtype (``gemv.cpp``)."""
+    return _module().bf16_gemv(x, weight, bias)

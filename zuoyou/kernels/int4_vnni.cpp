@@ -481,10 +481,14 @@ torch::Tensor int4_unpack(torch::Tensor packed, torch::Tensor scale, torch::Tens
   return w;
 }
 
-// kv8_attention.cpp
+// kv_attention.cpp
 torch::Tensor kv8_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k8, torch::Tensor ks,
                          torch::Tensor v8, torch::Tensor vs, int64_t slot, c10::optional<torch::Tensor> mask,
                          int64_t n_read);
+torch::Tensor kv_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kc, torch::Tensor vc,
+                        int64_t slot, c10::optional<torch::Tensor> mask, int64_t n_read);
+// gemv.cpp
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 // fused_ops.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
@@ -494,6 +498,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_unpack", &int4_unpack, "the weights as a dense bf16 matrix");
   m.def("int8_mm", &int8_mm, "int8 weights x int8 activations (AVX-512 VNNI)");
   m.def("kv8_attend", &kv8_attend, "one-token attention over an int8 KV cache (writes the new token first)");
+  m.def("kv_attend", &kv_attend, "one-token attention over a KV cache in the compute dtype (writes the new token first)");
+  m.def("bf16_gemv", &bf16_gemv, "x @ w.T + b for 1-4 rows and dense bf16 weights");
   m.def("rms_norm", &rms_norm, "HF Llama's RMSNorm in one call (fp32 or bf16)");
   m.def("rope", &rope, "rotate-half RoPE with a signed sin table in one call (fp32 or bf16)");
   m.def("amx_available", &amx_ok, "AMX-INT8 used for 5-8 row inputs (the CPU has it, Linux granted it, ZUOYOU_AMX != 0)");
