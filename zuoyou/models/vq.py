@@ -72,10 +72,10 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x):
-        # Interpolate in fp32 and cast back to the *input* dtype (upstream always casts to bf16,
-        # which breaks fp16 decoding).
-        x = F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype)
-        return self.conv(x)
+        # Upstream interpolates in fp32 and casts to bf16 (which breaks fp16 decoding). Nearest neighbours
+        # only copy values, so interpolating in the input's own dtype gives that round trip's result exactly,
+        # without its two fp32 copies (Janus-Pro-1B, last level: 75 + 19 MiB per 384 x 384 image).
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Encoder(nn.Module):
