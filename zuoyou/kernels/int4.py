@@ -1,6 +1,6 @@
 """The int4 / int8 x int8 decode kernels (``int4_vnni.cpp``): availability, build, weight layouts; and, in
-the same extension, one-token attention over an int8 or plain KV cache (``kv_attention.cpp``, ``zuoyou.kvcache``) and
-RMSNorm / RoPE in one call each (``fused_ops.cpp``, ``zuoyou.fused``).
+the same extension, one-token attention over an int8 or plain KV cache (``kv_attention.cpp``, ``zuoyou.kvcache``),
+RMSNorm / RoPE in one call each (``fused_ops.cpp``) and 1-4 row bf16 linears (``gemv.cpp``; both ``zuoyou.fused``).
 
 AVX-512 VNNI for 1-4 rows; from 5 rows on, AMX-INT8 tiles where the CPU has them and Linux grants
 them (``amx_available()``; ``ZUOYOU_AMX=0`` keeps VNNI), with bit-identical results.
