@@ -84,7 +84,7 @@ class KernelKVCache(KVCache):
 
 
 def _kernel_fits(q: torch.Tensor) -> bool:
-    # (the device is the cache's, checked once in ``Int8KVCache.kernel``)
+    # (the device is the cache's, checked once in each cache's ``kernel``)
     return q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
 
 

@@ -20,7 +20,7 @@ constexpr int64_t AHEAD = 4;     // weight rows prefetched ahead of the one bein
 
 template <typename T, int M>  // M: rows, a constant so that the loops over them unroll
 void gemv(const T* x, const at::BFloat16* w, const at::BFloat16* bias, T* y, int64_t N, int64_t K) {
-  const int64_t chunks = K / 16, row_bytes = K * 2;
+  const int64_t chunks = K / 16;
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     // x as fp32, once per task (M x K floats: 32 KiB for 4 x 2048)
     std::vector<float> xf(M * K);
@@ -31,7 +31,7 @@ void gemv(const T* x, const at::BFloat16* w, const at::BFloat16* bias, T* y, int
       __m512 acc[M][2];
       for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
       for (int64_t c = 0; c < chunks; ++c) {
-        if ((c & 1) == 0 && c * 32 < row_bytes) _mm_prefetch(ahead + c * 32, _MM_HINT_T0);  // 64 bytes per 2 chunks
+        if ((c & 1) == 0) _mm_prefetch(ahead + c * 32, _MM_HINT_T0);  // the row ahead's 64 bytes per 2 chunks
         const __m512 wv = load16(wr + c * 16);
         for (int m = 0; m < M; ++m)  // two accumulators per row: half the dependency chain
           acc[m][c & 1] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(&xf[m * K + c * 16]), acc[m][c & 1]);

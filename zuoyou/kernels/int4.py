@@ -48,9 +48,8 @@ def build_dir() -> Path:
     would not make torch's extension loader rebuild)."""
     root = os.environ.get("ZUOYOU_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zuoyou"
     digest = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.[ch]*")):
-        if f.suffix in (".cpp", ".h"):
-            digest.update(f.name.encode() + f.read_bytes())
+    for f in sorted(f for f in Path(__file__).parent.iterdir() if f.suffix in (".cpp", ".h")):
+        digest.update(f.name.encode() + f.read_bytes())
     return Path(root) / "kernels" / f"torch-{torch.__version__}-{digest.hexdigest()[:12]}"
 
 

@@ -27,21 +27,11 @@
 #include <unistd.h>
 #endif
 
+#include "simd.h"
+
 namespace {
 
 constexpr int G = 64;  // inputs per group (weights and activations)
-
-inline __m512 load_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 is the top half of an fp32)
-  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-
-inline __m256i to_bf16(__m512 v) {  // round to nearest even (no NaN inputs here)
-  const __m512i i = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(i, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
 
 // Up to 4 rows, two chains of dependent VPDPBUSDs per row (a and b) halve the chain length; from 5
 // rows on, one chain per row: the rows give enough independent chains, and two would not fit in the
@@ -69,7 +59,7 @@ __attribute__((always_inline)) inline __m512i sum2(__m512i a, __m512i b) {
 // 16 outputs of row m, block b: to y (fp32) or ybf (bf16; the other is null)
 inline void store16(__m512 v, float* y, uint16_t* ybf, int64_t m, int64_t N, int64_t b) {
   if (ybf) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ybf + m * N + b * 16), to_bf16(v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ybf + m * N + b * 16), to_bf16_bits(v));
   } else {
     _mm512_storeu_ps(y + m * N + b * 16, v);
   }

@@ -2,12 +2,14 @@
 #pragma once
 #include <torch/extension.h>
 #include <immintrin.h>
+#include <cstdint>
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {  // bf16 -> fp32: the 16 bits are the top of the float
+inline __m512 load_bf16(const uint16_t* p) {  // 16 bf16 bit patterns -> fp32: the 16 bits are the top of the float
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) { return load_bf16(reinterpret_cast<const uint16_t*>(p)); }
 
 // fp32 -> bf16 bits, round to nearest even (as PyTorch's conversion, for finite values)
 inline __m256i to_bf16_bits(__m512 v) {
