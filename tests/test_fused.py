@@ -1,13 +1,16 @@
 """RMSNorm, RoPE and small-row bf16 linear kernels (zuoyou.fused) against the model's own code, and a fused model
 against the plain one."""
 
+import copy
+
 import pytest
 import torch
 
 from zuoyou.config import LMConfig
-from zuoyou.fused import FusedRMSNorm, GemvLinear, fuse, rope
+from zuoyou.fused import FusedRMSNorm, GemvLinear, StackedAttention, StackedMLP, fuse, rope
 from zuoyou.kernels import int4 as kernels
 from zuoyou.models.llama import LlamaForCausalLM, RMSNorm, apply_rope, rope_cos_sin
+from zuoyou.quantize import Int4Linear, quantize_linears
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="zuoyou's CPU kernels are not available here")
 
@@ -84,3 +87,41 @@ def test_fused_model_decodes_like_the_plain_one():
         mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
         torch.testing.assert_close(lm_f.model(step, torch.tensor([6]), mask), lm_p.model(step, torch.tensor([6]), mask),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_int4_stack_equals_its_parts():
+    torch.manual_seed(3)
+    parts = [Int4Linear.from_linear(torch.nn.Linear(128, n, bias=False).bfloat16(), 64) for n in (64, 32, 32)]
+    stacked = Int4Linear.stack(parts)
+    assert stacked.out_features == 128 and stacked.kernel == "vnni"
+    with torch.no_grad():
+        for rows in (1, 2, 100):  # decode kernel and the prefill path (over VNNI_MAX_ROWS)
+            x = torch.randn(rows, 128, dtype=torch.bfloat16)
+            assert torch.equal(stacked(x), torch.cat([p(x) for p in parts], -1))
+    assert Int4Linear.stack(parts[:1] + [Int4Linear.from_linear(torch.nn.Linear(256, 32, bias=False).bfloat16(), 64)]) is None
+    assert Int4Linear.stack([Int4Linear.from_linear(torch.nn.Linear(128, 32).bfloat16(), 64)]) is None  # a bias
+    aten = Int4Linear.from_linear(torch.nn.Linear(128, 32, bias=False).bfloat16(), 64, kernel="aten")
+    assert Int4Linear.stack([parts[0], aten]) is None
+
+
+def test_int4_model_with_stacked_projections_decodes_the_same():
+    cfg = LMConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64)  # GQA: q wider than k and v
+    torch.manual_seed(0)
+    lm_p = LlamaForCausalLM(cfg).eval().bfloat16()
+    quantize_linears(lm_p.model.layers, "int4")
+    lm_f = copy.deepcopy(lm_p)
+    assert fuse(lm_f) == 2 * 2 + 2 * 2 + 1 + 2 + 1  # attention + MLP stacked and two norms per layer, final norm, RoPE, bf16 head
+    layer = lm_f.model.layers[0]
+    assert type(layer.self_attn) is StackedAttention and type(layer.mlp) is StackedMLP
+    assert layer.self_attn.rope is rope and not hasattr(layer.self_attn, "q_proj")
+    x = torch.randn(2, 6, cfg.hidden_size).bfloat16()
+    with torch.inference_mode():
+        for lm in (lm_p, lm_f):
+            lm.setup_cache(2, 8)
+        # the same int4 products; the norms and RoPE on zuoyou's kernels round alike (test above): equal or a bf16 step
+        torch.testing.assert_close(lm_f.model(x, torch.arange(6)), lm_p.model(x, torch.arange(6)), rtol=2 ** -7, atol=1e-2)
+        step = torch.randn(2, 1, cfg.hidden_size).bfloat16()
+        mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        torch.testing.assert_close(lm_f.model(step, torch.tensor([6]), mask), lm_p.model(step, torch.tensor([6]), mask),
+                                   rtol=2 ** -7, atol=1e-2)

@@ -216,6 +216,21 @@ class Int4Linear(nn.Module):
         scales_zeros = torch.stack([scale, low], -1).transpose(0, 1).contiguous()  # (G, out, 2)
         return cls(packed, (scales_zeros,), bias, inp, group, kernel)
 
+    @classmethod
+    def stack(cls, linears: list[nn.Module]) -> "Int4Linear | None":
+        """One layer whose outputs are those of ``linears`` side by side (``torch.cat([l(x) for l in linears], -1)``,
+        bit for bit: each output depends only on its own weights and on x's int8 rounding, which they share), or
+        None unless all are VNNI-layout ``Int4Linear`` of the same input size and group, without bias. The
+        layout is blocked by 16 outputs along its first dimension, so stacking is concatenation there."""
+        if not linears or not all(type(m) is cls and m.kernel == "vnni" and m.bias is None for m in linears):
+            return None
+        first = linears[0]
+        if any((m.in_features, m.group, m.compute_dtype) != (first.in_features, first.group, first.compute_dtype)
+               for m in linears):
+            return None
+        cat = lambda name: torch.cat([getattr(m, name) for m in linears])  # noqa: E731
+        return cls(cat("packed"), (cat("scale"), cat("low")), None, first.in_features, first.group, "vnni")
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.scale.dtype if self.kernel == "vnni" else self.scales_zeros.dtype

@@ -102,11 +102,17 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.rope = apply_rope  # (a fused kernel may be swapped in from outside: ``zuoyou.fused``)
 
+    def project(self, x):
+        """q, k, v of x (B, T, C): (B, T, nh * hs), (B, T, nkv * hs) twice. (``zuoyou.fused`` may compute
+        them in one call, from outside the model.)"""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, input_pos=None, mask=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             y = self.kv_cache.attend(q, k, v, input_pos, mask)  # (B, nh, T, hs)
