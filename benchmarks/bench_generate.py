@@ -6,8 +6,8 @@
 A random ``JanusForConditionalGeneration`` of the chosen size (transformers' own init, bf16) is saved
 in the transformers layout and, via ``zuoyou.convert.hf_to_official``, in the official layout; each
 mode runs in its own subprocess on those weights (fp32 modes upcast the same bf16 values): zuoyou
-fp32 / bf16 / int8 (int8 weights, bf16 activations) / int4 (int4 decoder layers, int8 heads; zuoyou's VNNI
-kernel where available) [/ int4-aten (ATen's int4 kernel), int8-fp32, "+compile" / "+autotune", "+kv8"], the port
+fp32 / bf16 / int8 (int8 weights, bf16 activations) / int4 (int4 decoder layers, int8 text head and
+aligner, bf16 image head; zuoyou's VNNI kernel where available) [/ int4-aten (ATen's int4 kernel), int8-fp32, "+compile" / "+autotune", "+kv8"], the port
 in fp32 / bf16. Per mode: text-to-image (CFG 5, temperature 1, n = 1 and 4) prefill, ms per decode
 step (between calls of the image head; after a 2-step warm-up), VQ decode, s/image (extrapolated
 from ``--steps K``); understanding (one image + a question, greedy) prefill and ms per token; peak
