@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .kernels import int4 as kernels
 from .memory import release_freed_memory
@@ -80,9 +79,8 @@ class StackedMLP(MLP):
         nn.Module.__init__(self)
         self.gate_up, self.down_proj = gate_up, mlp.down_proj
 
-    def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, I) each
-        return self.down_proj(F.silu(gate) * up)
+    def project(self, x):
+        return self.gate_up(x).chunk(2, dim=-1)  # (B, T, I) each
 
 
 def _stacked(module: nn.Module) -> nn.Module | None:
