@@ -75,6 +75,15 @@ def cmd_ask(args) -> None:
 def cmd_train_shapes(args) -> None:
     from .train.shapes import run
 
+    if args.from_model:
+        from .errors import InputError
+        from .loading import resolve_folder
+
+        if args.fresh:
+            raise InputError("--from-model starts OUT from a model folder; --fresh would ignore it: pass one of them")
+        from .train.shapes import seed_from_model
+
+        seed_from_model(Path(args.out), resolve_folder(args.from_model), args.recipe, args.minutes, args.seed, log=log)
     report = run(Path(args.out), minutes=args.minutes, vq_minutes=args.vq_minutes, seed=args.seed,
                  resume=not args.fresh, log=log, recipe=args.recipe)
     log(f"done: model in {Path(args.out) / 'model'}; report {Path(args.out) / 'report.json'}")
@@ -145,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero "
                                         "(tokenizer, VQ, encoder pre-training, three stages, the recipe's SFT restarts)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
-    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16", "v17", "v18", "v19", "v20", "v21", "v22", "v23", "v24"], default="v24",
-                    help="v24: the bundled model's recipe (default; v22 + two more restarts of v21's kind); v23: one such; v22: v21 with its "
+    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16", "v17", "v18", "v19", "v20", "v21", "v22", "v23", "v24", "v25"], default="v24",
+                    help="v25: v24 + relations taught by a curriculum (one object's side, which of two is further, "
+                         "the relation; start it with --from-model); v24: the bundled model's recipe (default; v22 + two more restarts of v21's kind); v23: one such; v22: v21 with its "
                          "VQ decoder trained 30 min more on whole scenes, the codes unchanged (cleaner pixels from the same "
                          "drawings); v21: v17 + two more restarts in which the model also reads "
                          "crowded scenes and its own drawings as the judge sees them: a better self-check); v20: one such "
@@ -168,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wall-clock budget of the VQ training (default: the recipe's, 26 for v4, v6 and v9-v24 (v22-v24 then 30 more on its decoder), 25 for v2 and v7)")
     ts.add_argument("--seed", type=int, default=1)
     ts.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT (default: resume)")
+    ts.add_argument("--from-model", default=None, metavar="DIR",
+                    help="start OUT from this finished model folder (e.g. zuoyou/assets/shapes, the bundled v24) "
+                         "instead of from zero: the recipe goes on after the stages its training_report.json lists")
     ts.set_defaults(func=cmd_train_shapes)
 
     e = sub.add_parser("eval", help="evaluate a model on ShapesWorld")

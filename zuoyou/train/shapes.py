@@ -46,6 +46,7 @@ from .batch import Example, conversation, generation_example
 from .checkpoint import load_checkpoint, save_checkpoint
 from .loop import Stage, train
 from .reading import crowded, judged_questions, own_drawings
+from .relations import keep_places, relation_questions
 from .recipes import PROMPT_SHARE, RECIPES, Recipe
 from .vq import (code_entropy, consolidate_codes, encode_scenes, polish_decoder, reconstruction_parse_rate, scenes_to_tensor,
                  train_vq)
@@ -142,6 +143,11 @@ class ShapesData:
                 for i in range(n):
                     if rng.random() < stage.options["crowded_share"]:
                         scenes[i], qas[i] = crowded(rng)
+            if stage.options.get("relations"):  # (v25) the relations curriculum (``zuoyou.train.relations``)
+                o = stage.options
+                for i in range(n):
+                    if rng.random() < o["relation_share"]:
+                        qas[i] = relation_questions(rng, scenes[i], o["relations"], o["relation_questions"]) or qas[i]
             own = {}
             if stage.options.get("own_share"):  # (v20) the model's own drawings, as the judge reads them
                 pool = self.own_pool(stage)
@@ -186,6 +192,14 @@ def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v24"]
         m4, lr4, share = recipe.stage3b
         out += [Stage(f"stage3{chr(ord('b') + i)}", lr=lr4, minutes=m4, warmup=50, decay=True, mix=mix3,
                       batch_size=batch_size, options={"prompt_share": share}) for i in range(recipe.restarts)]
+    for i, (name, minutes_, kinds) in enumerate(recipe.relation_stages):
+        opts = {"prompt_share": recipe.stage3b[2] if recipe.stage3b else recipe.prompt_share, "relations": dict(kinds),
+                "relation_share": recipe.relation_share, "relation_questions": recipe.relation_questions}
+        if i == 0 and recipe.place_steps:
+            opts["keep_places"] = recipe.place_steps
+        out.append(Stage(name, lr=recipe.relation_lr, minutes=minutes_, warmup=50,
+                         decay=i == len(recipe.relation_stages) - 1, mix=recipe.relation_mix, batch_size=batch_size,
+                         options=opts))
     for st in out:
         if st.name in recipe.named_order:
             st.options["named_order"] = True
@@ -295,8 +309,21 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
 
         return quick_eval(_pipeline(model, processor, None), log=log)
 
+    def stage_start(st: Stage) -> None:
+        if st.options.get("keep_places"):  # (v25) image tokens that keep their place (zuoyou.train.relations)
+            def images(r, n):
+                x = scenes_to_tensor([sample_scene(r) for _ in range(n)])
+                recon = [i for i in range(n) if r.random() < RECON_SHARE]
+                if recon:
+                    x[recon] = as_drawn(vq, x[recon])
+                return x
+
+            report.setdefault("keep_places", {})[st.name] = keep_places(model, st.options["keep_places"], seed=seed,
+                                                                      images=images, log=log)
+            _write(out / "report.json", report)
+
     history = train(model, stages(minutes, recipe=rec), data, out, seed=seed, resume=resume, on_stage_end=stage_eval, log=log,
-                    compile=rec.compile)
+                    compile=rec.compile, on_stage_start=stage_start)
     report["training"] = history
     report["train_minutes_this_run"] = round((time.time() - t_start) / 60, 1)
     model.gen_vision_model.load_state_dict(vq.state_dict())  # (as in drawings above)
@@ -318,6 +345,43 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
     report["recipe"] = recipe  # (a folder continued with a later recipe names the last)
     _write(out / "report.json", report)
     return report
+
+
+def seed_from_model(out: Path, folder: Path, recipe: str, minutes: float | None = None, seed: int = TRAIN_SEED,
+                    log=print) -> None:
+    """Start the run folder ``out`` from a finished model folder (e.g. the bundled one) instead of from zero: its
+    tokenizer, VQ and encoder, and an LM checkpoint past the stages its ``training_report.json`` lists, so that
+    ``run(out, recipe=recipe)`` goes on with the recipe's later stages. The stages done must be the recipe's first
+    ones. A folder that holds a checkpoint already is left alone (the run resumes)."""
+    from ..errors import CheckpointError
+    from ..loading import load_model
+
+    out, folder = Path(out), Path(folder)
+    if (out / "checkpoint").exists():
+        return
+    rep_path = folder / "training_report.json"
+    if not rep_path.is_file():
+        raise CheckpointError(f"{folder}: no training_report.json, so which stages it went through is unknown")
+    rep = json.loads(rep_path.read_text())
+    done = [s["stage"] for s in rep["training"]["stages"]]
+    rec = RECIPES[recipe]
+    names = [st.name for st in stages(rec.minutes if minutes is None else minutes, recipe=rec)]
+    if names[:len(done)] != done:
+        raise CheckpointError(f"{folder} went through stages {', '.join(done)}; recipe {recipe} starts with "
+                              f"{', '.join(names[:len(done)])}")
+    model, _ = load_model(folder, torch.device("cpu"), torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(folder / "tokenizer.json", out / "tokenizer.json")
+    save_checkpoint(out / "vq_final", model.gen_vision_model)
+    save_checkpoint(out / "encoder", model.vision_model)
+    report = {k: rep[k] for k in ("vq_parse_rate", "vq_code_entropy", "vq_parse_rate_polished", "encoder") if k in rep}
+    report.update(vq_done=True, decoder_done=True, encoder_done=True, recipe=rep.get("recipe"),
+                  seeded_from=f"{folder} (recipe {rep.get('recipe')}, stages {done[0]}..{done[-1]})")
+    rng = random.Random(seed)
+    save_checkpoint(out / "checkpoint", model, stage=len(done), step=0, elapsed=0.0, rng=rng.getstate(),
+                    torch_rng=torch.get_rng_state().tolist(), history=rep["training"], total_steps=0)
+    _write(out / "report.json", report)
+    log(f"run folder {out} seeded from {folder}: stages {', '.join(done)} done; next {names[len(done)] if len(done) < len(names) else 'none'}")
 
 
 def _pretrained_encoder(model: Janus, vq: VQModel, out: Path, minutes: float, seed: int, report: dict, resume: bool,
