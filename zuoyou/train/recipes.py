@@ -2,7 +2,7 @@
 options of its stages (``zuoyou.train.shapes.stages`` turns one into stages). "training log" below is
 ``docs/shapes-training-log.md``, where each recipe's measurements are.
 
-Twenty-four recipes; ``v24``, the default, built the bundled model, ``v21`` the one before, ``v1`` the first.
+Twenty-five recipes; ``v24``, the default, built the bundled model, ``v21`` the one before, ``v1`` the first.
 ``v2`` gives a far better VQ (every patch content one code: H(code | patch) 0.20 instead of 5.6 nats; 98.6 % instead
 of 93.3 % exact reconstructions), multi-question dialogues, more generation data and ``gen_embed``
 started from the codebook; but its LM learned to use the prompt far more slowly (measured:
@@ -43,7 +43,9 @@ trained 30 more minutes on whole scenes, every code unchanged (``Recipe.decoder_
 parse back exactly 0.990 instead of 0.933; validation with the self-check 0.892, held out 0.898, drawn once 0.655, VQA
 0.917. ``v23`` is v22 with an eleventh restart of v21's kind: validation 0.904, VQA 0.927; held out 0.899, drawn once
 0.707, VQA 0.912; ``v24`` v23 with a twelfth: validation 0.920, VQA 0.922; held out 0.922, drawn once 0.705, VQA 0.905
-(training log, "Fifteenth session").
+(training log, "Fifteenth session"). ``v25`` is v24 with encoder + aligner made to keep each token's place and
+three curriculum stages for relations (``zuoyou.train.relations``; start it with ``--from-model`` on the bundled v24):
+measured, relations still at chance after its 1214 steps (0.49), not bundled (training log, "Twentieth session").
 """
 
 from __future__ import annotations
