@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..shapes import sample_question, sample_scene
+from ..shapes.language import _unique_pairs
 from ..shapes.world import Scene
 
 HALF = 32  # the canvas's middle (64 px)
@@ -42,15 +43,9 @@ FURTHER = {"further left than": lambda a, b: b.cx - a.cx >= MARGIN, "further rig
 KINDS = ("side", "sign", "relation")
 
 
-def _unique(scene: Scene) -> list:
-    """Objects no other object shares (colour, shape) with: the ones a question can name."""
-    key = [(o.color, o.shape) for o in scene.objects]
-    return [o for o, k in zip(scene.objects, key) if key.count(k) == 1]
-
-
 def relation_question(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str] | None:
     """``(question, answer)`` of ``kind`` about ``scene``, or None where the scene has no objects to ask it of."""
-    objs = _unique(scene)
+    objs = _unique_pairs(scene.objects)  # the objects a question can name
     if kind == "side":
         if not objs:
             return None
