@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import ZuoyouError
+from .train.recipes import RECIPES  # (plain dataclasses: no torch import)
 
 
 def log(msg: str) -> None:
@@ -154,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero "
                                         "(tokenizer, VQ, encoder pre-training, three stages, the recipe's SFT restarts)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
-    ts.add_argument("--recipe", choices=["v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10", "v11", "v12", "v13", "v14", "v15", "v16", "v17", "v18", "v19", "v20", "v21", "v22", "v23", "v24", "v25"], default="v24",
-                    help="v25: v24 + relations taught by a curriculum (one object's side, which of two is further, "
+    ts.add_argument("--recipe", choices=list(RECIPES), default="v24",
+                    help="v26: v24 + relations taught with training-only place heads on the LM (start it with "
+                         "--from-model); v25: v24 + relations taught by a curriculum (one object's side, which of two is further, "
                          "the relation; start it with --from-model); v24: the bundled model's recipe (default; v22 + two more restarts of v21's kind); v23: one such; v22: v21 with its "
                          "VQ decoder trained 30 min more on whole scenes, the codes unchanged (cleaner pixels from the same "
                          "drawings); v21: v17 + two more restarts in which the model also reads "

@@ -1,5 +1,5 @@
-"""The relations curriculum (``zuoyou.train.relations``, recipe v25): its questions, ``keep_places``, the stages
-that ask them, ``train(on_stage_start=...)`` and ``seed_from_model``."""
+"""The relations curriculum (``zuoyou.train.relations``, recipes v25 and v26): its questions, ``keep_places``, the
+stages that ask them, the training-only place heads, ``train(on_stage_start=...)`` and ``seed_from_model``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from zuoyou.models.janus import build
 from zuoyou.shapes import answer_question, sample_scene
 from zuoyou.train.loop import Stage, train
 from zuoyou.train.recipes import RECIPES
-from zuoyou.train.relations import FURTHER, SIDES, keep_places, linear_read_r2, relation_question, relation_questions
+from zuoyou.train.batch import collate, loss_fn
+from zuoyou.train.relations import (FURTHER, SIDES, PlaceHeads, keep_places, linear_read_r2, named_objects,
+                                    relation_question, relation_questions)
 from zuoyou.train.shapes import ShapesData, stages
 
 
@@ -93,7 +95,7 @@ def test_recipe_v25_is_v24_with_three_curriculum_stages_after_its_restarts():
     assert n.options["keep_places"] == 400 and "keep_places" not in o.options | p.options
     assert (n.decay, o.decay, p.decay) == (False, False, True) and {s.lr for s in (n, o, p)} == {3e-4}
     assert all(s.options["named_order"] and s.mix == (6, 0, 4) for s in (n, o, p))
-    assert all(not r.relation_stages and not r.place_steps for k, r in RECIPES.items() if k != "v25")
+    assert all(not r.relation_stages and not r.place_steps for k, r in RECIPES.items() if k not in ("v25", "v26"))
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,9 @@ def test_seed_from_model_starts_a_run_after_the_stages_the_model_went_through(tm
     report = {"recipe": "v24", "vq_parse_rate": 0.99, "training": {"stages": [{"stage": s} for s in done], "seed": 1}}
     (folder / "training_report.json").write_text(json.dumps(report))
     seed_from_model(tmp_path / "run", folder, "v25", log=lambda *a: None)
+    seed_from_model(tmp_path / "run26", folder, "v26", log=lambda *a: None)  # its checkpoints hold the place heads
+    PlaceHeads.attach(with_heads := build(get_config("shapes"), device="cpu"))
+    assert load_checkpoint(tmp_path / "run26" / "checkpoint", with_heads)["stage"] == len(done)
     other = build(get_config("shapes"), device="cpu")
     state = load_checkpoint(tmp_path / "run" / "checkpoint", other)
     assert state["stage"] == len(done) and state["step"] == 0
@@ -164,3 +169,77 @@ def test_seed_from_model_starts_a_run_after_the_stages_the_model_went_through(tm
     (folder / "training_report.json").write_text(json.dumps(report))
     with pytest.raises(CheckpointError, match="recipe v25 starts with"):
         seed_from_model(tmp_path / "run2", folder, "v25", log=lambda *a: None)
+
+
+def test_recipe_v26_is_v24_with_two_place_head_stages_after_its_restarts():
+    v24, v26 = RECIPES["v24"], RECIPES["v26"]
+    a, b = stages(80, recipe=v24), stages(80, recipe=v26)
+    assert b[:len(a)] == a and [s.name for s in b[len(a):]] == ["stage3n", "stage3o"]
+    n, o = b[len(a):]
+    assert n.options["keep_places"] == 400 and "keep_places" not in o.options
+    assert all(s.options["place_aux"] and s.options["relation_questions"] == 2 and s.mix == (6, 0, 4) for s in (n, o))
+    assert all(s.frozen == ("gen_vision_model.", "vision_model.") for s in (n, o)) and (n.decay, o.decay) == (False, True)
+    assert all(not s.options.get("place_aux") for s in a)
+    assert [k for k, r in RECIPES.items() if r.place_aux] == ["v26"]
+
+
+def test_place_targets_point_at_the_named_objects_shape_words_and_at_the_answer(data):
+    st = Stage("s", lr=1e-3, options={"relations": {"side": 1, "sign": 1, "relation": 1}, "relation_share": 0.7,
+                                      "relation_questions": 2, "place_aux": True})
+    out = data.examples("und", 120, random.Random(3), st)
+    tok = data.processor.tokenizer
+    n_places = n_pairs = 0
+    for e in out:
+        words = [tok.id_to_token(e.ids[p]).lstrip("Ġ") for p, _, _ in e.places]
+        assert set(words) <= {"circle", "square", "triangle", "cross"}
+        assert all(-1 <= x < 1 and -1 <= y < 1 for _, x, y in e.places)
+        for pos, *xy in e.pairs:  # the position predicts the answer's first token, after the question's words
+            assert not e.loss_mask[pos] and e.loss_mask[pos + 1]
+            before = [(x, y) for p, x, y in e.places if p < pos]
+            assert [tuple(xy[:2]), tuple(xy[2:])] == before[-2:]
+        n_places, n_pairs = n_places + len(e.places), n_pairs + len(e.pairs)
+    assert n_places > 100 and n_pairs > 40
+    plain = data.examples("und", 40, random.Random(3), Stage("s", lr=1e-3))
+    assert all(e.places is None and e.pairs is None for e in plain)
+
+
+def test_named_objects_are_the_unique_colour_shape_pairs_in_the_order_named():
+    scene = next(s for s in (sample_scene(random.Random(i), n=4) for i in range(100))
+                 if len({(o.color, o.shape) for o in s.objects}) == 4)
+    a, b = scene.objects[2], scene.objects[0]
+    assert named_objects(f"Is the {a.color} {a.shape} left of the {b.color} {b.shape}?", scene) == [a, b]
+    assert named_objects(f"What color is the {a.shape}?", scene) == []
+
+
+def test_place_heads_teach_the_lm_to_read_places_and_leave_no_trace_in_the_model(data):
+    torch.manual_seed(0)
+    cfg = get_config("shapes")
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=data.processor.tokenizer.get_vocab_size()))
+    model = build(cfg, device="cpu")
+    keys = set(model.state_dict())
+    heads = PlaceHeads.attach(model)
+    assert {k for k in model.state_dict() if k not in keys} == {f"place_heads.{h}.{p}" for h in ("at_word", "at_answer")
+                                                                for p in ("weight", "bias")}
+    st = Stage("s", lr=1e-3, options={"relations": {"sign": 1}, "relation_share": 1.0, "relation_questions": 1,
+                                      "place_aux": True})
+    batch = collate(data.examples("und", 8, random.Random(4), st), data.processor)
+    model.train()
+    loss, stats = loss_fn(model, batch)  # the unified loss carries the place loss while the heads are attached
+    assert set(stats) == {"text", "places"} and abs(loss.item() - stats["text"] - stats["places"]) < 1e-4
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if n.startswith(("language_model.model.layers.",
+                                                                                       "place_heads."))], lr=1e-3)
+    losses = []
+    for _ in range(30):  # the place loss alone, on one small batch: the LM learns to carry the places
+        model.hidden(model.prepare_inputs_embeds(batch.ids, batch.pixels, batch.und_mask))
+        place = heads.loss(batch.places, batch.pairs)
+        losses.append(place.item())
+        opt.zero_grad()
+        place.backward()
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0], losses
+    lm = model.language_model.model.layers
+    assert lm[0].mlp.down_proj.weight.grad.abs().sum() > 0  # the lookup is learned in the LM, not in the heads alone
+    with torch.no_grad():  # evaluations (no grad) keep nothing and add no place loss
+        assert "places" not in loss_fn(model, batch)[1] and not heads._acts
+    PlaceHeads.detach(model)
+    assert set(model.state_dict()) == keys and not any(layer._forward_hooks for layer in lm)

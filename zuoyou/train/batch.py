@@ -30,6 +30,10 @@ class Example:
     image: torch.Tensor | None = None  # (3, S, S) understanding image, or (N, 3, S, S) several, in [-1, 1]
     codes: torch.Tensor | None = None  # (T,) VQ codes to generate after ids (ids end with <begin_of_image>)
     loss_mask: list[bool] | None = None  # per id: is it a target? (multi-turn: the assistant turns); overrides loss_from
+    # (v26) targets of the training-only place heads (``zuoyou.train.relations.PlaceHeads``): [(position, x, y)] of
+    # named objects' shape words, [(position, xA, yA, xB, yB)] at two-object questions' answers
+    places: list[tuple] | None = None
+    pairs: list[tuple] | None = None
 
 
 def generation_example(proc: Processor, prompt: str, codes: torch.Tensor, drop: bool = False) -> Example:
@@ -72,6 +76,8 @@ class Batch:
     gen_mask: torch.Tensor  # (B, T) positions fed by image codes
     gen_codes: torch.Tensor  # (M,) codes at gen_mask positions, in order
     code_targets: torch.Tensor  # (B, T) next-code targets, -100 elsewhere
+    places: torch.Tensor | None = None  # (K, 4) rows (batch row, position, x, y) of the examples' ``places``
+    pairs: torch.Tensor | None = None  # (M, 6) rows (batch row, position, xA, yA, xB, yB)
 
 
 def collate(examples: list[Example], proc: Processor) -> Batch:
@@ -98,8 +104,12 @@ def collate(examples: list[Example], proc: Processor) -> Batch:
         if e.image is not None:
             pixels.extend(e.image if e.image.dim() == 4 else [e.image])
     und_mask = ids == proc.image_id
+    places = [(b, *p) for b, e in enumerate(examples) for p in e.places or ()]
+    pairs = [(b, *p) for b, e in enumerate(examples) for p in e.pairs or ()]
     return Batch(ids, text_t, und_mask, torch.stack(pixels) if pixels else None, gen_mask,
-                 torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long), code_t)
+                 torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long), code_t,
+                 torch.tensor(places, dtype=torch.float32).reshape(-1, 4) if places else None,
+                 torch.tensor(pairs, dtype=torch.float32).reshape(-1, 6) if pairs else None)
 
 
 def num_targets(examples: list[Example]) -> tuple[int, int]:
@@ -132,4 +142,12 @@ def loss_fn(model: Janus, batch: Batch, norm: tuple[int, int] | None = None, tru
             loss = loss / norm[i]
         total = total + loss
         stats[name] = loss.item()
+    heads = getattr(model, "place_heads", None)  # (v26) training-only place heads, while attached
+    if heads is not None and (batch.places is not None or batch.pairs is not None):
+        empty = torch.zeros(0, 6)
+        aux = heads.loss(batch.places if batch.places is not None else empty[:, :4],
+                         batch.pairs if batch.pairs is not None else empty)
+        if aux.requires_grad:
+            total = total + aux
+            stats["places"] = aux.item()
     return total, stats

@@ -1,4 +1,4 @@
-"""(v25) Relations by a curriculum: training-only questions that build the world's relation question in steps.
+"""(v25, v26) Relations by a curriculum: training-only questions that build the world's relation question in steps.
 
 Every recipe up to v24 answered "Is the red circle left of the blue square?" at chance (held-out VQA relation
 0.42-0.55; training log, sessions 11 and 17-19). Two things were missing:
@@ -13,6 +13,10 @@ Every recipe up to v24 answered "Is the red circle left of the blue square?" at 
   then which of two is further along one axis (*sign*), it learns the spec's rule within 100 steps (0.948;
   ``docs/probes/relations_curriculum.py``). The stages of v25 ask these questions in that order
   (``relation_questions``, by the stage's weights).
+
+v25 still answered at chance (0.49). What it lacked (twenty-first session): the LM never carried a named object's
+place to the question's words or the answer. **v26** trains it to, through training-only ``PlaceHeads`` (bottom of
+this file) that read each named object's centre at its shape word and both centres at the answer position.
 
 Kinds (``KINDS``), all yes/no, "yes" about half the time:
   side      ``Is the red circle on the left half?``      the object's centre x < 32 (left), >= 32 (right); y alike
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 
 from ..shapes import sample_question, sample_scene
 from ..shapes.language import _unique_pairs
-from ..shapes.world import Scene
+from ..shapes.world import SHAPES, Scene
 
 HALF = 32  # the canvas's middle (64 px)
 MARGIN = 8  # the spec's relations need dx >= 8 (or dy)
@@ -156,3 +160,101 @@ def keep_places(model, steps: int, seed: int = 0, batch_size: int = 64, lr: floa
                  relative_change=round(((new_val - old_val).norm(dim=-1) / old_val.norm(dim=-1)).mean().item(), 4))
     log(f"keep places: {stats}")
     return stats
+
+
+# ------------------------------------------------------------------------------------------------ place_aux (v26)
+# v25's curriculum left relations at chance: its LM never carried the named objects' places to where it answers.
+# A probe on v24 (twenty-first session) found the shape word's token ("circle" in "the red circle") held nothing of
+# that object's place at any layer (held-out linear R^2 < 0). Training-only linear heads that read, from the LM's
+# hidden states, each named object's centre at its shape word (layer ``q_layer``) and both centres at the answer
+# position (layer ``a_layer``) made the lookup happen; the relation answers followed (held-out 0.49 -> 0.93).
+def named_objects(question: str, scene: Scene) -> list:
+    """The objects ``question`` names as "{color} {shape}", in the order named (only objects unique in ``scene``)."""
+    objs = {(o.color, o.shape): o for o in _unique_pairs(scene.objects)}
+    words = question.rstrip("?.").split()
+    return [objs[w] for w in zip(words, words[1:]) if w in objs]
+
+
+def shape_word_ids(tokenizer) -> set[int]:
+    """Token ids of the shape words as they follow a colour (" circle", ...); empty if one is not a single token."""
+    ids = [tokenizer.encode(" " + s, add_special_tokens=False).ids for s in SHAPES]
+    return {i[0] for i in ids} if all(len(i) == 1 for i in ids) else set()
+
+
+def place_annotations(ids: list[int], loss_mask: list[bool], shape_ids: set[int], named: list[list]) -> tuple[list, list]:
+    """Targets of the place heads in one conversation: ``named[t]`` = the objects turn t's question names.
+
+    Returns ``places`` [(position of the object's shape word, x, y)] and ``pairs`` [(position that predicts the answer,
+    xA, yA, xB, yB)] for two-object questions; centres scaled to [-1, 1). A turn whose shape words do not match its
+    named objects one to one gets no targets."""
+    places, pairs = [], []
+    pos, turn = 0, 0
+    while pos < len(ids) and turn < len(named):
+        answer = loss_mask.index(True, pos)  # this turn's answer starts here
+        words = [i for i in range(pos, answer) if ids[i] in shape_ids]
+        objs = named[turn]
+        if objs and len(words) == len(objs):
+            xy = [(o.cx / HALF - 1, o.cy / HALF - 1) for o in objs]
+            places += [(p, x, y) for p, (x, y) in zip(words, xy)]
+            if len(objs) == 2:
+                pairs.append((answer - 1, *xy[0], *xy[1]))
+        pos = answer
+        while pos < len(ids) and loss_mask[pos]:
+            pos += 1
+        turn += 1
+    return places, pairs
+
+
+class PlaceHeads(nn.Module):
+    """Training-only linear heads on the LM's hidden states (see above), attached to a model as ``place_heads`` by
+    ``attach`` for as long as it trains, and never saved with it (``detach``).
+
+    ``loss(batch)``: MSE of each named object's centre read at its shape word (layer ``q_layer``'s output) plus the
+    MSE of the two centres read at the answer position (layer ``a_layer``'s), on the batch's ``places`` / ``pairs``."""
+
+    def __init__(self, dim: int, q_layer: int = 2, a_layer: int = 4):
+        super().__init__()
+        self.q_layer, self.a_layer = q_layer, a_layer
+        self.at_word = nn.Linear(dim, 2)
+        self.at_answer = nn.Linear(dim, 4)
+        # zero: a random head's error on hidden states of norm ~10-20 is ~100x the targets' variance, and would
+        # dominate the (clipped) first gradients of the LM; from zero the heads' pull grows as they learn to read
+        for p in self.parameters():
+            nn.init.zeros_(p)
+        self._acts: dict[int, torch.Tensor] = {}
+        self._hooks = []
+
+    @classmethod
+    def attach(cls, model, **kw) -> "PlaceHeads":
+        layers = model.language_model.model.layers
+        heads = cls(model.config.lm.hidden_size, **kw)
+        for i in {heads.q_layer, heads.a_layer}:
+            if not 0 <= i < len(layers):
+                raise ValueError(f"place heads read layer {i}, but the LM has {len(layers)} layers")
+            heads._hooks.append(layers[i].register_forward_hook(heads._keep(i)))
+        model.place_heads = heads
+        return heads
+
+    @staticmethod
+    def detach(model) -> None:
+        heads = getattr(model, "place_heads", None)
+        if heads is not None:
+            for h in heads._hooks:
+                h.remove()
+            del model.place_heads
+
+    def _keep(self, i: int):
+        def hook(module, inputs, out):
+            if self.training and torch.is_grad_enabled():  # only training steps keep their activations
+                self._acts[i] = out
+        return hook
+
+    def loss(self, places: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """places: (K, 4) rows (batch row, position, x, y); pairs: (M, 6) rows (batch row, position, xA, yA, xB, yB)."""
+        total = torch.zeros((), device=places.device)
+        for rows, layer, head in ((places, self.q_layer, self.at_word), (pairs, self.a_layer, self.at_answer)):
+            if len(rows) and layer in self._acts:  # (none kept: an evaluation's forward, without grad)
+                h = self._acts[layer][rows[:, 0].long(), rows[:, 1].long()]  # (K, D)
+                total = total + F.mse_loss(head(h.float()), rows[:, 2:].float())
+        self._acts.clear()
+        return total

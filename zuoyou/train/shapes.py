@@ -46,7 +46,8 @@ from .batch import Example, conversation, generation_example
 from .checkpoint import load_checkpoint, save_checkpoint
 from .loop import Stage, train
 from .reading import crowded, judged_questions, own_drawings
-from .relations import keep_places, relation_questions
+from .relations import (PlaceHeads, keep_places, named_objects, place_annotations, relation_questions,
+                        shape_word_ids)
 from .recipes import PROMPT_SHARE, RECIPES, Recipe
 from .vq import (code_entropy, consolidate_codes, encode_scenes, polish_decoder, reconstruction_parse_rate, scenes_to_tensor,
                  train_vq)
@@ -163,7 +164,14 @@ class ShapesData:
                 images[recon] = as_drawn(self.vq, images[recon])
             for i, img in own.items():
                 images[i] = img
-            return [self._dialogue(q, img) for q, img in zip(qas, images)]
+            out = [self._dialogue(q, img) for q, img in zip(qas, images)]
+            if stage.options.get("place_aux"):  # (v26) targets of the training-only place heads
+                shape_ids = shape_word_ids(proc.tokenizer)
+                for i, e in enumerate(out):
+                    if i not in own:
+                        named = [named_objects(q, scenes[i]) for q, _ in qas[i]]
+                        e.places, e.pairs = place_annotations(e.ids, e.loss_mask, shape_ids, named)
+            return out
         # text-only: the scene is given in words, the questions are the same
         return [self._dialogue(q, None, f"Scene: {describe(s)}.\n") for s, q in zip(scenes, qas)]
 
@@ -197,9 +205,13 @@ def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v24"]
                 "relation_share": recipe.relation_share, "relation_questions": recipe.relation_questions}
         if i == 0 and recipe.place_steps:
             opts["keep_places"] = recipe.place_steps
+        if recipe.place_aux:
+            opts["place_aux"] = True
+        # (v26) with the place heads, the encoder stays as keep_places left it (as in the probe that measured them)
+        frozen = ("gen_vision_model.", "vision_model.") if recipe.place_aux else ("gen_vision_model.",)
         out.append(Stage(name, lr=recipe.relation_lr, minutes=minutes_, warmup=50,
                          decay=i == len(recipe.relation_stages) - 1, mix=recipe.relation_mix, batch_size=batch_size,
-                         options=opts))
+                         options=opts, frozen=frozen))
     for st in out:
         if st.name in recipe.named_order:
             st.options["named_order"] = True
@@ -295,6 +307,8 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
                                rec.gen_embed_std)
     if rec.encoder_minutes:
         _pretrained_encoder(model, vq, out, rec.encoder_minutes, seed, report, resume, log, rec.encoder_absolute)
+    if rec.place_aux:  # in the checkpoints from the first one on (seed_from_model attaches them too)
+        PlaceHeads.attach(model)
     processor.num_image_tokens = cfg.vision.num_patches
 
     def drawings(n: int, seed: int):
@@ -326,6 +340,7 @@ def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None
                     compile=rec.compile, on_stage_start=stage_start)
     report["training"] = history
     report["train_minutes_this_run"] = round((time.time() - t_start) / 60, 1)
+    PlaceHeads.detach(model)  # training-only: the model folder holds the model alone
     model.gen_vision_model.load_state_dict(vq.state_dict())  # (as in drawings above)
     folder = out / "model"
     save_model(model, folder)
@@ -370,6 +385,8 @@ def seed_from_model(out: Path, folder: Path, recipe: str, minutes: float | None 
         raise CheckpointError(f"{folder} went through stages {', '.join(done)}; recipe {recipe} starts with "
                               f"{', '.join(names[:len(done)])}")
     model, _ = load_model(folder, torch.device("cpu"), torch.float32)
+    if rec.place_aux:  # as run() holds them
+        PlaceHeads.attach(model)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(folder / "tokenizer.json", out / "tokenizer.json")
     save_checkpoint(out / "vq_final", model.gen_vision_model)
