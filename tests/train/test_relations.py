@@ -95,7 +95,7 @@ def test_recipe_v25_is_v24_with_three_curriculum_stages_after_its_restarts():
     assert n.options["keep_places"] == 400 and "keep_places" not in o.options | p.options
     assert (n.decay, o.decay, p.decay) == (False, False, True) and {s.lr for s in (n, o, p)} == {3e-4}
     assert all(s.options["named_order"] and s.mix == (6, 0, 4) for s in (n, o, p))
-    assert all(not r.relation_stages and not r.place_steps for k, r in RECIPES.items() if k not in ("v25", "v26"))
+    assert all(not r.relation_stages and not r.place_steps for k, r in RECIPES.items() if k not in ("v25", "v26", "v27"))
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,14 @@ def test_recipe_v26_is_v24_with_two_place_head_stages_after_its_restarts():
     assert all(s.options["place_aux"] and s.options["relation_questions"] == 2 and s.mix == (6, 0, 4) for s in (n, o))
     assert all(s.frozen == ("gen_vision_model.", "vision_model.") for s in (n, o)) and (n.decay, o.decay) == (False, True)
     assert all(not s.options.get("place_aux") for s in a)
-    assert [k for k, r in RECIPES.items() if r.place_aux] == ["v26"]
+    assert [k for k, r in RECIPES.items() if r.place_aux] == ["v26", "v27"]
+
+
+def test_recipe_v27_is_v26_and_one_more_stage_that_also_reads_crowded_scenes_and_its_own_drawings():
+    a, b = stages(80, recipe=RECIPES["v26"]), stages(80, recipe=RECIPES["v27"])
+    assert b[:len(a)] == a and b[-1].name == "stage3p" and b[-1].decay
+    assert b[-1].options["place_aux"] and b[-1].options["own_share"] == 0.2 and b[-1].options["crowded_share"] == 0.1
+    assert b[-1].options["relations"] == a[-1].options["relations"]
 
 
 def test_place_targets_point_at_the_named_objects_shape_words_and_at_the_answer(data):

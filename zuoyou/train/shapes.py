@@ -210,7 +210,8 @@ def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v24"]
         # (v26) with the place heads, the encoder stays as keep_places left it (as in the probe that measured them)
         frozen = ("gen_vision_model.", "vision_model.") if recipe.place_aux else ("gen_vision_model.",)
         out.append(Stage(name, lr=recipe.relation_lr, minutes=minutes_, warmup=50,
-                         decay=i == len(recipe.relation_stages) - 1, mix=recipe.relation_mix, batch_size=batch_size,
+                         decay=i == len(recipe.relation_stages) - 1 or name in recipe.decayed,
+                         mix=recipe.relation_mix, batch_size=batch_size,
                          options=opts, frozen=frozen))
     for st in out:
         if st.name in recipe.named_order:
