@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(tokenizer, VQ, encoder pre-training, three stages, the recipe's SFT restarts)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
     ts.add_argument("--recipe", choices=list(RECIPES), default="v24",
-                    help="v26: v24 + relations taught with training-only place heads on the LM (start it with "
-                         "--from-model); v25: v24 + relations taught by a curriculum (one object's side, which of two is further, "
+                    help="v27: v26 + a stage that also reads crowded scenes and its own drawings; v26: v24 + relations "
+                         "taught with training-only place heads on the LM (start them with --from-model); v25: v24 + relations taught by a curriculum (one object's side, which of two is further, "
                          "the relation; start it with --from-model); v24: the bundled model's recipe (default; v22 + two more restarts of v21's kind); v23: one such; v22: v21 with its "
                          "VQ decoder trained 30 min more on whole scenes, the codes unchanged (cleaner pixels from the same "
                          "drawings); v21: v17 + two more restarts in which the model also reads "
