@@ -144,9 +144,7 @@ def loss_fn(model: Janus, batch: Batch, norm: tuple[int, int] | None = None, tru
         stats[name] = loss.item()
     heads = getattr(model, "place_heads", None)  # (v26) training-only place heads, while attached
     if heads is not None and (batch.places is not None or batch.pairs is not None):
-        empty = torch.zeros(0, 6)
-        aux = heads.loss(batch.places if batch.places is not None else empty[:, :4],
-                         batch.pairs if batch.pairs is not None else empty)
+        aux = heads.loss(batch.places, batch.pairs)
         if aux.requires_grad:
             total = total + aux
             stats["places"] = aux.item()

@@ -209,8 +209,9 @@ class PlaceHeads(nn.Module):
     """Training-only linear heads on the LM's hidden states (see above), attached to a model as ``place_heads`` by
     ``attach`` for as long as it trains, and never saved with it (``detach``).
 
-    ``loss(batch)``: MSE of each named object's centre read at its shape word (layer ``q_layer``'s output) plus the
-    MSE of the two centres read at the answer position (layer ``a_layer``'s), on the batch's ``places`` / ``pairs``."""
+    ``loss(places, pairs)``: MSE of each named object's centre read at its shape word (layer ``q_layer``'s output)
+    plus the MSE of the two centres read at the answer position (layer ``a_layer``'s), on a batch's ``places`` /
+    ``pairs``."""
 
     def __init__(self, dim: int, q_layer: int = 2, a_layer: int = 4):
         super().__init__()
@@ -249,11 +250,12 @@ class PlaceHeads(nn.Module):
                 self._acts[i] = out
         return hook
 
-    def loss(self, places: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-        """places: (K, 4) rows (batch row, position, x, y); pairs: (M, 6) rows (batch row, position, xA, yA, xB, yB)."""
-        total = torch.zeros((), device=places.device)
+    def loss(self, places: torch.Tensor | None, pairs: torch.Tensor | None) -> torch.Tensor:
+        """places: (K, 4) rows (batch row, position, x, y); pairs: (M, 6) rows (batch row, position, xA, yA, xB, yB);
+        None = no such targets in the batch."""
+        total = torch.zeros(())
         for rows, layer, head in ((places, self.q_layer, self.at_word), (pairs, self.a_layer, self.at_answer)):
-            if len(rows) and layer in self._acts:  # (none kept: an evaluation's forward, without grad)
+            if rows is not None and len(rows) and layer in self._acts:  # (none kept: an evaluation's forward, without grad)
                 h = self._acts[layer][rows[:, 0].long(), rows[:, 1].long()]  # (K, D)
                 total = total + F.mse_loss(head(h.float()), rows[:, 2:].float())
         self._acts.clear()
