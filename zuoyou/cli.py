@@ -155,10 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("shapes", help="train the ShapesWorld model from zero "
                                         "(tokenizer, VQ, encoder pre-training, three stages, the recipe's SFT restarts)")
     ts.add_argument("--out", required=True, help="run folder (checkpoints, report); the model lands in OUT/model")
-    ts.add_argument("--recipe", choices=list(RECIPES), default="v24",
-                    help="v27: v26 + a stage that also reads crowded scenes and its own drawings; v26: v24 + relations "
+    ts.add_argument("--recipe", choices=list(RECIPES), default="v27",
+                    help="v27: the bundled model's recipe (default; v26 + a stage that also reads crowded scenes and its "
+                         "own drawings); v26: v24 + relations "
                          "taught with training-only place heads on the LM (start them with --from-model); v25: v24 + relations taught by a curriculum (one object's side, which of two is further, "
-                         "the relation; start it with --from-model); v24: the bundled model's recipe (default; v22 + two more restarts of v21's kind); v23: one such; v22: v21 with its "
+                         "the relation; start it with --from-model); v24: the model bundled before v27 (v22 + two more restarts of v21's kind); v23: one such; v22: v21 with its "
                          "VQ decoder trained 30 min more on whole scenes, the codes unchanged (cleaner pixels from the same "
                          "drawings); v21: v17 + two more restarts in which the model also reads "
                          "crowded scenes and its own drawings as the judge sees them: a better self-check); v20: one such "
@@ -173,15 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "also taught where objects are; v8: v6 with that encoder label alone "
                          "(see the README for how they compared)")
     ts.add_argument("--minutes", type=float, default=None,
-                    help="wall-clock budget of the three LM stages (default: the recipe's, 80 for v4, v6 and v9-v24; "
+                    help="wall-clock budget of the three LM stages (default: the recipe's, 80 for v4, v6 and v9-v27; "
                          "the fourth stage of v5 adds its own 70, of v10 its own 25, v11 two of 25, v12 three, v15 six, "
-                         "v17 eight, v21 and v22 ten, v23 eleven, v24 twelve)")
+                         "v17 eight, v21 and v22 ten, v23 eleven, v24 twelve, v26 fourteen and v27 fifteen, "
+                         "the relation stages after 400 steps of keep_places)")
     ts.add_argument("--vq-minutes", type=float, default=None,
-                    help="wall-clock budget of the VQ training (default: the recipe's, 26 for v4, v6 and v9-v24 (v22-v24 then 30 more on its decoder), 25 for v2 and v7)")
+                    help="wall-clock budget of the VQ training (default: the recipe's, 26 for v4, v6 and v9-v27 (v22-v27 then 30 more on its decoder), 25 for v2 and v7)")
     ts.add_argument("--seed", type=int, default=1)
     ts.add_argument("--fresh", action="store_true", help="ignore checkpoints in OUT (default: resume)")
     ts.add_argument("--from-model", default=None, metavar="DIR",
-                    help="start OUT from this finished model folder (e.g. zuoyou/assets/shapes, the bundled v24) "
+                    help="start OUT from this finished model folder (e.g. zuoyou/assets/shapes, the bundled v27) "
                          "instead of from zero: the recipe goes on after the stages its training_report.json lists")
     ts.set_defaults(func=cmd_train_shapes)
 

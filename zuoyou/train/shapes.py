@@ -18,7 +18,7 @@ Steps (each resumable; the output folder holds every intermediate):
 3. generation defaults (CFG, temperature) chosen on validation prompts (seeds disjoint from the
    evaluation), written to ``generation_defaults.json``; then the final evaluations.
 
-The recipes (``RECIPES``, ``v24`` the default and the bundled model's) and what each one measured are in
+The recipes (``RECIPES``, ``v27`` the default and the bundled model's) and what each one measured are in
 ``zuoyou.train.recipes``.
 """
 
@@ -184,7 +184,7 @@ class ShapesData:
         return Example(ids, mask.index(True), image=image, loss_mask=mask)
 
 
-def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v24"]) -> list[Stage]:
+def stages(minutes: float, batch_size: int = 64, recipe: Recipe = RECIPES["v27"]) -> list[Stage]:
     m1, m2, m3 = (share * minutes for share in recipe.shares)
     mix2, mix3 = recipe.mixes
     # a pre-trained encoder stays frozen while the random aligner learns to read it (Janus stage 1)
@@ -254,7 +254,7 @@ def _init(model: torch.nn.Module, std: float = 0.02):
 
 
 def run(out: Path, minutes: float | None = None, vq_minutes: float | None = None, seed: int = TRAIN_SEED,
-        resume: bool = True, eval_images: int = 4, log=print, recipe: str = "v24") -> dict:
+        resume: bool = True, eval_images: int = 4, log=print, recipe: str = "v27") -> dict:
     """Train everything into ``out``; the loadable model folder is ``out/model``. Budgets default to the recipe's."""
     rec = RECIPES[recipe]
     minutes = rec.minutes if minutes is None else minutes
