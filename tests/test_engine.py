@@ -278,17 +278,3 @@ def test_best_of_errors(tiny_pipe, monkeypatch):
     monkeypatch.setattr(tiny_pipe.engine, "checker", None)
     with pytest.raises(InputError, match="self-check"):
         tiny_pipe.generate("a red circle", best_of=2)
-
-
-def test_check_scores_share_the_image_prefix_exactly(tiny_pipe):
-    """``check_scores`` (prefix prefilled once per image, cache expanded to the questions, suffixes
-    right-padded) gives what ``answer_logprobs`` gives with one full row per question."""
-    engine = tiny_pipe.engine
-    images = tiny_pipe.generate("a red circle", n=3, seed=2)
-    checks = [("How many objects are there?", "two"), ("What color is the circle?", "red"),
-              ("Describe the image.", "a small red circle and a blue square")]
-    got = engine.check_scores(images, checks)
-    want = [[engine.answer_logprobs([tiny_pipe.text_request([{"role": "user", "content": q, "images": [im]}])],
-                                    [a])[0] for q, a in checks] for im in images]
-    assert got.shape == (3, 3) and torch.allclose(got, torch.tensor(want), atol=1e-4)
-    assert engine.model.language_model.caches()[0] is None  # the cache is released

@@ -10,7 +10,7 @@ different lengths are left-padded, padding keys masked, and RoPE positions shift
 request's result does not depend on its neighbours.
 
 ``best_of``: a request may draw several candidates per image and keep the one the model's own
-answers about it rate best (``Engine.checker`` gives the questions; ``check_scores`` the answers'
+answers about it rate best (``Engine.checker`` gives the questions; ``zuoyou.selfcheck`` the answers'
 log-probabilities, the image prefilled once per candidate and shared by its questions).
 """
 
@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import selfcheck
 from .errors import ConfigError, InputError
 from .kvcache import KV_CACHES, cache_class
 from .memory import release_freed_memory
@@ -91,7 +92,7 @@ class Engine:
         self.context = context or self.config.lm.max_position_embeddings
         # prompt -> [(question, answer), ...] that a correct drawing answers so (e.g. ``zuoyou.shapes.
         # self_checks``, named by the model folder's generation defaults); what ``best_of`` ranks by
-        self.checker: Callable[[str], list[tuple[str, str]]] | None = None
+        self.checker: Callable[[str], list] | None = None  # (question, answer) pairs and FollowUps
         # drawing rounds run so far (batches of images decoded; ``best_of`` redraws add rounds): for
         # benchmarks and logs, which read how often the self-check sent images back
         self.rounds_drawn = 0
@@ -199,61 +200,21 @@ class Engine:
                     kept[i][j] = max(kept[i][j], cand, key=lambda c: c[:2])
         return [[im for _, _, im in k] for k in kept]
 
-    def _best(self, images: list, checks: list[tuple[str, str]], k: int, chunk: int = 16) -> list:
+    def _best(self, images: list, checks: list, k: int, chunk: int = 16) -> list:
         """Of each run of ``k`` candidates: (passes, score, image) of the best (see ``generate_images``)."""
-        logp = torch.cat([self.check_scores(images[i:i + chunk], checks) for i in range(0, len(images), chunk)])
+        logp = torch.cat([self._check_logp(images[i:i + chunk], checks) for i in range(0, len(images), chunk)])
         ok = (logp >= PASS_LOGP).all(-1).view(-1, k)  # (n, k)
         score = logp.sum(-1).view(-1, k)  # (n, k)
         # the best score among passing candidates where any passes, else the best score
         j = torch.where(ok.any(-1, keepdim=True), score.masked_fill(~ok, float("-inf")), score).argmax(-1)
         return [(bool(ok[i, c]), float(score[i, c]), images[i * k + c]) for i, c in enumerate(j.tolist())]
 
-    @torch.inference_mode()
-    def check_scores(self, images: list, checks: list[tuple[str, str]]) -> torch.Tensor:
-        """(N, Q) log P(answer_q | image_n, question_q), as ``answer_logprobs`` gives them, with the part
-        the questions share (the image and the template before the question) run once per image: the
-        cache is prefilled with it and expanded to the Q questions (about 4x less work for the bundled
-        model than a row per question)."""
-        proc = self.processor
-        rows, spans = [], []
-        for q, a in checks:
-            ids = proc.understanding_ids([Message("user", q, [images[0]])])  # (the pixels come once per image below)
-            ans = proc.answer_ids(a)
-            rows.append(ids + ans)
-            spans.append(len(ans))
-        # shared prefix: every suffix keeps at least the token that predicts its answer's first token
-        P = min(len(r) - a - 1 for r, a in zip(rows, spans))
-        while any(r[:P] != rows[0][:P] for r in rows):
-            P -= 1
-        N, Q, Ls = len(images), len(rows), max(len(r) for r in rows) - P
-        prefix = torch.tensor([rows[0][:P]] * N, device=self.device)  # (N, P)
-        pixels = torch.stack([proc.image_processor(img) for img in images]).to(self.device, self.dtype)
-        x = self.model.prepare_inputs_embeds(prefix, pixels, prefix == proc.image_id).to(self.dtype)
-        lm = self.model.language_model
-        lm.setup_cache(N, P + Ls, dtype=self.dtype, device=self.device, cache=self._cache)
-        try:
-            causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
-            self.model.hidden(x, torch.arange(P, device=self.device), causal[None, None])  # fills slots [0, P)
-            self._expand_cache(torch.arange(N, device=self.device).repeat_interleave(Q))  # (N*Q rows)
-            # the suffixes, right-padded (padding comes after every real token: causal attention hides it)
-            suffix = torch.full((Q, Ls), proc.pad, dtype=torch.long)
-            for j, r in enumerate(rows):
-                suffix[j, :len(r) - P] = torch.tensor(r[P:])
-            suffix = suffix.to(self.device).repeat(N, 1)  # (N*Q, Ls)
-            pos = torch.arange(P, P + Ls, device=self.device)
-            mask = torch.ones(Ls, P + Ls, dtype=torch.bool, device=self.device)
-            mask[:, P:] = torch.ones(Ls, Ls, dtype=torch.bool, device=self.device).tril()
-            h = self.model.hidden(self.model.embed_text(suffix).to(self.dtype), pos,
-                                  mask[None, None].expand(N * Q, 1, Ls, P + Ls))  # (N*Q, Ls, D)
-        finally:
-            lm.clear_cache()
-        out = torch.empty(N, Q)
-        for j, (r, A) in enumerate(zip(rows, spans)):
-            end = len(r) - P  # the answer is suffix[j, end - A:end], predicted from one position earlier
-            logp = self.model.text_logits(h[j::Q, end - A - 1:end - 1]).float().log_softmax(-1)  # (N, A, V)
-            tgt = torch.tensor(r[-A:], device=self.device)
-            out[:, j] = logp.gather(-1, tgt.expand(N, A)[..., None])[..., 0].sum(-1).cpu()
-        return out
+    def _check_logp(self, images: list, checks: list) -> torch.Tensor:
+        return selfcheck.check_logp(self, images, checks)
+
+    def check_scores(self, images: list, checks: list) -> torch.Tensor:
+        """(N, Q) log P(answer_q | image_n, question_q) (``zuoyou.selfcheck.check_scores``)."""
+        return selfcheck.check_scores(self, images, checks)
 
     @torch.inference_mode()
     def _draw(self, requests: list[ImageRequest], progress: bool, preview, preview_every: int):
