@@ -7,7 +7,7 @@ Prints the median and the slowest wall time of each part over the repeats (after
 each ``best_of`` (candidates per image, ranked by the model's own check) and ``redraws`` (more rounds of
 candidates while an image fails that check; defaults: the model's own settings), with the mean number
 of drawing rounds per call: redraws cost time only when the check fails, so the time depends on the prompt
-(``--prompt``; the default is a position prompt, whose relation the check does not ask).
+(``--prompt``; the default is a position prompt that names both colours, so the check also asks its relation).
 """
 
 from __future__ import annotations

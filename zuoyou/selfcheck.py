@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .processor import Message
 
 # what a follow-up check scores when the model's own picks make no question of it: a failure, ranked like an
@@ -35,6 +35,11 @@ def check_logp(engine, images: list, checks: list) -> torch.Tensor:
         return engine.check_scores(images, fixed)
     asks = [(q, opts) for f in follow for q, opts in zip(f.ask, f.options)]
     first = [engine.processor.answer_ids(o)[0] for _, opts in asks for o in opts]
+    k = 0
+    for q, opts in asks:  # an option is told by its first token: two that share it cannot be told apart
+        if len(set(first[k:k + len(opts)])) < len(opts):
+            raise ConfigError(f"follow-up check {q!r}: its options {opts} do not all start with different tokens")
+        k += len(opts)
     with prefilled(engine, images, fixed + [(q, opts[0]) for q, opts in asks]) as score:
         logp, nxt = score(None)
         out = [logp[:, :len(fixed)]]
