@@ -41,7 +41,7 @@ def check_logp(engine, images: list, checks: list) -> torch.Tensor:
             raise ConfigError(f"follow-up check {q!r}: its options {opts} do not all start with different tokens")
         k += len(opts)
     with prefilled(engine, images, fixed + [(q, opts[0]) for q, opts in asks]) as score:
-        logp, nxt = score(None)
+        logp, nxt = score()
         out = [logp[:, :len(fixed)]]
         picks, k = [], 0  # per ask question: (N,) index of the option whose first token is likeliest
         for j, (_, opts) in enumerate(asks):
@@ -68,52 +68,52 @@ def check_scores(engine, images: list, checks: list) -> torch.Tensor:
     model than a row per question). ``checks``: Q ``(question, answer)`` pairs for every image, or a list
     of Q pairs per image."""
     with prefilled(engine, images, checks) as score:
-        return score(None)[0]
+        return score()[0]
 
 
 @contextmanager
 def prefilled(engine, images: list, checks: list):
     """Prefill ``images`` with the prefix their questions share (of ``checks``: pairs for every image, or a list
-    per image) and yield ``score(checks_or_None, rows=None) -> ((n, Q) logp, (n, Q, V) next-token logp at each
-    answer's first position)``: None scores ``checks``; later calls score other questions about the images
-    ``rows`` (default all), the prefix reused while they share it (else prefilled again)."""
+    per image) and yield ``score(more=None, which=None) -> ((n, Q) logp, (n, Q, V) next-token logp at each
+    answer's first position)``: ``more`` None scores ``checks``; later calls score other questions about the
+    images numbered ``which`` (default all), the prefix reused while they share it (else prefilled again)."""
     proc = engine.processor
     per_image = lambda c, n: c if c and isinstance(c[0], list) else [c] * n  # noqa: E731
     first = per_image(checks, len(images))
     if len(first) != len(images) or len({len(c) for c in first}) != 1:
         raise InputError("check_scores: one list of the same number of checks per image")
     ids = lambda q, a: proc.understanding_ids([Message("user", q, [images[0]])]) + proc.answer_ids(a)  # noqa: E731
-    rows = [ids(q, a) for qa in first for q, a in qa]
+    rows0 = [ids(q, a) for qa in first for q, a in qa]
     spans = [len(proc.answer_ids(a)) for qa in first for _, a in qa]
     # shared prefix: every suffix keeps at least the token that predicts its answer's first token
-    P = min(len(r) - a - 1 for r, a in zip(rows, spans))
-    while any(r[:P] != rows[0][:P] for r in rows):
+    P = min(len(r) - a - 1 for r, a in zip(rows0, spans))
+    while any(r[:P] != rows0[0][:P] for r in rows0):
         P -= 1
-    prefix, N = rows[0][:P], len(images)
+    prefix, N = rows0[0][:P], len(images)
     pixels = torch.stack([proc.image_processor(img) for img in images]).to(engine.device, engine.dtype)
     ptoks = torch.tensor([prefix] * N, device=engine.device)  # (N, P)
     x = engine.model.prepare_inputs_embeds(ptoks, pixels, ptoks == proc.image_id).to(engine.dtype)
     lm = engine.model.language_model
     # slots for the first questions and for later ones up to FOLLOW_UP_SLOTS longer (else prefilled anew)
-    length = min(engine.context, max(len(r) for r in rows) + FOLLOW_UP_SLOTS)
+    length = min(engine.context, max(len(r) for r in rows0) + FOLLOW_UP_SLOTS)
     lm.setup_cache(N, length, dtype=engine.dtype, device=engine.device, cache=engine._cache)
     owner = list(range(N))  # per image a cache row whose slots [0, P) hold its prefix (None: no longer held)
 
-    def score(checks_, rows_=None):
+    def score(more=None, which=None):
         nonlocal owner
-        rows_ = list(range(N)) if rows_ is None else rows_
-        qa = first if checks_ is None else per_image(checks_, len(rows_))
+        which = list(range(N)) if which is None else which
+        qa = first if more is None else per_image(more, len(which))
         r_ids = [ids(q, a) for c in qa for q, a in c]
         r_ans = [len(proc.answer_ids(a)) for c in qa for _, a in c]
         Q, Ls = len(qa[0]), max(len(r) for r in r_ids) - P
         if (any(r[:P] != prefix or len(r) - a - 1 < P for r, a in zip(r_ids, r_ans)) or P + Ls > length
-                or any(owner[n] is None for n in rows_)):  # not this prefix, or too long: prefilled anew
-            owner = [None] * N  # (which replaces this cache)
-            with prefilled(engine, [images[n] for n in rows_], qa) as again:
-                return again(None)
-        engine._expand_cache(torch.tensor([owner[n] for n in rows_], device=engine.device).repeat_interleave(Q))
-        owner = [None] * N  # the cache now holds Q rows per image of rows_, in that order
-        for i, n in enumerate(rows_):
+                or any(owner[n] is None for n in which)):  # not this prefix, or too long: prefilled anew
+            owner = [None] * N  # (that replaces this cache)
+            with prefilled(engine, [images[n] for n in which], qa) as again:
+                return again()
+        engine._expand_cache(torch.tensor([owner[n] for n in which], device=engine.device).repeat_interleave(Q))
+        owner = [None] * N  # the cache now holds Q rows per image of ``which``, in that order
+        for i, n in enumerate(which):
             owner[n] = i * Q
         suffix = torch.full((len(r_ids), Ls), proc.pad, dtype=torch.long)  # right-padded: causal attention hides it
         tgt = torch.zeros(len(r_ids), Ls, dtype=torch.long)
@@ -127,12 +127,15 @@ def prefilled(engine, images: list, checks: list):
         mask = torch.ones(Ls, P + Ls, dtype=torch.bool, device=engine.device)
         mask[:, P:] = torch.ones(Ls, Ls, dtype=torch.bool, device=engine.device).tril()
         h = engine.model.hidden(engine.model.embed_text(suffix.to(engine.device)).to(engine.dtype), pos,
-                              mask[None, None].expand(len(r_ids), 1, Ls, P + Ls))  # (n*Q, Ls, D)
-        logp = engine.model.text_logits(h).float().log_softmax(-1)  # (n*Q, Ls, V)
-        starts = at.float().argmax(-1)  # each row's first answer-predicting position
-        nxt = logp[torch.arange(len(r_ids)), starts.to(engine.device)].cpu()  # (n*Q, V)
-        got = logp.gather(-1, tgt.to(engine.device)[..., None])[..., 0].cpu()  # (n*Q, Ls)
-        return torch.where(at, got, 0.0).sum(-1).view(-1, Q), nxt.view(-1, Q, nxt.shape[-1])
+                                mask[None, None].expand(len(r_ids), 1, Ls, P + Ls))  # (n*Q, Ls, D)
+        # logits only where an answer token is predicted (a large vocabulary makes every position costly)
+        sel = at.nonzero()  # (K, 2): row, position, row by row
+        lp = engine.model.text_logits(h[sel[:, 0].to(engine.device), sel[:, 1].to(engine.device)])
+        lp = lp.float().log_softmax(-1).cpu()  # (K, V)
+        got = lp.gather(-1, tgt[at][:, None])[:, 0]  # (K,)
+        total = torch.zeros(len(r_ids)).index_add_(0, sel[:, 0], got)  # (n*Q,)
+        starts = at.sum(-1).cumsum(0) - at.sum(-1)  # each row's first entry in sel
+        return total.view(-1, Q), lp[starts].view(-1, Q, lp.shape[-1])
 
     try:
         causal = torch.ones(P, P, dtype=torch.bool, device=engine.device).tril()
