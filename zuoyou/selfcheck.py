@@ -34,19 +34,15 @@ def check_logp(engine, images: list, checks: list) -> torch.Tensor:
     if not follow:
         return engine.check_scores(images, fixed)
     asks = [(q, opts) for f in follow for q, opts in zip(f.ask, f.options)]
-    first = [engine.processor.answer_ids(o)[0] for _, opts in asks for o in opts]
-    k = 0
-    for q, opts in asks:  # an option is told by its first token: two that share it cannot be told apart
-        if len(set(first[k:k + len(opts)])) < len(opts):
+    firsts = [[engine.processor.answer_ids(o)[0] for o in opts] for _, opts in asks]  # per ask question
+    for (q, opts), f in zip(asks, firsts):  # an option is told by its first token: two that share it cannot be
+        if len(set(f)) < len(f):  # told apart
             raise ConfigError(f"follow-up check {q!r}: its options {opts} do not all start with different tokens")
-        k += len(opts)
     with prefilled(engine, images, fixed + [(q, opts[0]) for q, opts in asks]) as score:
         logp, nxt = score()
         out = [logp[:, :len(fixed)]]
-        picks, k = [], 0  # per ask question: (N,) index of the option whose first token is likeliest
-        for j, (_, opts) in enumerate(asks):
-            picks.append(nxt[:, len(fixed) + j, first[k:k + len(opts)]].argmax(-1))
-            k += len(opts)
+        # per ask question: (N,) index of the option whose first token is likeliest
+        picks = [nxt[:, len(fixed) + j, f].argmax(-1) for j, f in enumerate(firsts)]
         j = 0
         for f in follow:
             mine = range(j, j + len(f.ask))  # this follow-up's ask questions
@@ -82,9 +78,18 @@ def prefilled(engine, images: list, checks: list):
     first = per_image(checks, len(images))
     if len(first) != len(images) or len({len(c) for c in first}) != 1:
         raise InputError("check_scores: one list of the same number of checks per image")
-    ids = lambda q, a: proc.understanding_ids([Message("user", q, [images[0]])]) + proc.answer_ids(a)  # noqa: E731
-    rows0 = [ids(q, a) for qa in first for q, a in qa]
-    spans = [len(proc.answer_ids(a)) for qa in first for _, a in qa]
+    known: dict[tuple[str, str], tuple[list[int], int]] = {}
+
+    def tokens(qa: list[list]) -> tuple[list[list[int]], list[int]]:
+        """Rows (prompt + answer ids) and answer lengths of per-image checks, row n * Q + q; each distinct pair
+        tokenised once (checks shared by every image repeat per image)."""
+        for pair in {pair for c in qa for pair in c} - known.keys():
+            q, a = pair
+            ans = proc.answer_ids(a)
+            known[pair] = proc.understanding_ids([Message("user", q, [images[0]])]) + ans, len(ans)
+        return [known[pair][0] for c in qa for pair in c], [known[pair][1] for c in qa for pair in c]
+
+    rows0, spans = tokens(first)
     # shared prefix: every suffix keeps at least the token that predicts its answer's first token
     P = min(len(r) - a - 1 for r, a in zip(rows0, spans))
     while any(r[:P] != rows0[0][:P] for r in rows0):
@@ -103,8 +108,7 @@ def prefilled(engine, images: list, checks: list):
         nonlocal owner
         which = list(range(N)) if which is None else which
         qa = first if more is None else per_image(more, len(which))
-        r_ids = [ids(q, a) for c in qa for q, a in c]
-        r_ans = [len(proc.answer_ids(a)) for c in qa for _, a in c]
+        r_ids, r_ans = tokens(qa)
         Q, Ls = len(qa[0]), max(len(r) for r in r_ids) - P
         if (any(r[:P] != prefix or len(r) - a - 1 < P for r, a in zip(r_ids, r_ans)) or P + Ls > length
                 or any(owner[n] is None for n in which)):  # not this prefix, or too long: prefilled anew
