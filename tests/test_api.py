@@ -177,3 +177,30 @@ def test_load_puts_the_vq_in_channels_last_with_the_same_images(tiny_pipe):
     codes = torch.randint(0, vq.quantize.embedding.weight.shape[0], (2, tiny_pipe.engine.model.config.vq.num_tokens))
     with torch.no_grad():
         assert torch.allclose(vq.decode_code(codes), plain.decode_code(codes), atol=1e-5)
+
+
+def test_a_float_model_takes_the_kernels_once_built_and_draws_the_same(monkeypatch):
+    """On CPU, ``zuoyou.load`` runs a float model's RMSNorm, RoPE and one-token attention on zuoyou's kernels
+    where they are built already, never building them for it; the bundled model then draws the same images and
+    its self-check scores agree."""
+    import torch
+
+    from zuoyou import api
+    from zuoyou.fused import FusedRMSNorm
+    from zuoyou.kernels import int4
+    from zuoyou.kvcache import KernelKVCache
+
+    if not int4.available():  # (builds them where they can be built)
+        pytest.skip("zuoyou's kernels cannot be built here")
+    fast = zuoyou.load(None, device="cpu")
+    monkeypatch.setattr(api, "kernels_built", lambda: False)
+    plain = zuoyou.load(None, device="cpu")
+    for pipe, on in ((fast, True), (plain, False)):
+        assert (pipe.engine._cache is KernelKVCache) == on
+        assert any(isinstance(m, FusedRMSNorm) for m in pipe.engine.model.modules()) == on
+    prompt = "a photo of a red circle left of a blue square"
+    a, b = (p.generate(prompt, n=3, seed=11, best_of=1) for p in (fast, plain))
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    checks = fast.engine.checker(prompt)
+    torch.testing.assert_close(fast.engine.check_scores(a, checks), plain.engine.check_scores(a, checks),
+                               rtol=1e-4, atol=1e-4)

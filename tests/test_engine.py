@@ -204,11 +204,11 @@ def test_answer_logprobs_are_the_trained_targets_under_padding(tiny_pipe):
     assert got == pytest.approx([engine.answer_logprobs([r], [a])[0] for r, (_, a) in zip(reqs, cases)], abs=1e-4)
 
 
-def test_best_of_keeps_the_candidate_the_model_rates_best(tiny_pipe, monkeypatch):
-    """``best_of=K``: the n*K candidates are the images an n*K request draws with the same seed; each
-    image kept is, of its run of K, the one with the highest summed log P(expected answer) (the random
-    tiny model passes no check, so no candidate is preferred for passing); previews show each image's
-    first candidate. Prompts the check cannot read are drawn once."""
+def test_best_of_keeps_the_candidates_the_model_rates_best(tiny_pipe, monkeypatch):
+    """``best_of=K``: the n*K candidates are the images an n*K request draws with the same seed; the n
+    images kept are, of all n*K, the ones with the highest summed log P(expected answer), best first (the
+    random tiny model passes no check, so no candidate is preferred for passing); previews show candidates
+    0, K, ... Prompts the check cannot read are drawn once."""
     engine = tiny_pipe.engine
     checks = [("How many objects are there?", "two"), ("What color is the circle?", "red")]
     monkeypatch.setattr(engine, "checker", lambda prompt: checks if "circle" in prompt else [])
@@ -218,30 +218,34 @@ def test_best_of_keeps_the_candidate_the_model_rates_best(tiny_pipe, monkeypatch
                               preview=lambda r, imgs: seen.append(imgs), preview_every=4)
     scores = [sum(engine.answer_logprobs([tiny_pipe.text_request([{"role": "user", "content": q, "images": [c]}])],
                                          [a])[0] for q, a in checks) for c in cands]
-    for i in range(2):
-        j = max(range(3 * i, 3 * i + 3), key=scores.__getitem__)
-        assert same([kept[i]], [cands[j]])
+    best = sorted(range(6), key=scores.__getitem__, reverse=True)[:2]
+    assert same(kept, [cands[j] for j in best])
     assert seen and all(len(imgs) == 2 for imgs in seen)
     plain = tiny_pipe.generate("a blue square", n=2, seed=5)
     assert same(tiny_pipe.generate("a blue square", n=2, seed=5, best_of=3), plain)
 
 
-def test_best_of_prefers_a_passing_candidate(tiny_pipe, monkeypatch):
-    """A candidate passes when every expected answer has P >= 1/2; of a run, the best-scoring passing one
-    is kept before any failing one, however high the failing one's sum (else the best sum)."""
+def test_best_of_prefers_passing_candidates_from_the_whole_pool(tiny_pipe, monkeypatch):
+    """A candidate passes when every expected answer has P >= 1/2; every passing candidate is kept before any
+    failing one, however high the failing one's sum, wherever in the pool it was drawn: both passing candidates
+    here are among the first three, so keeping the best of each run of K = 3 would have kept a failing one."""
+    from zuoyou.engine import _best
+
     engine = tiny_pipe.engine
-    logp = torch.tensor([[-0.01, -0.8], [-0.6, -0.6], [-0.5, -0.65],  # image 0: 2 passes, 0 fails
-                         [-0.01, -5.0], [-2.0, -2.0], [-0.9, -0.1]])  # image 1: none passes; 2 scores best
+    logp = torch.tensor([[-0.01, -0.8], [-0.6, -0.6], [-0.5, -0.65],  # 2 pass (b, c)
+                         [-0.01, -5.0], [-2.0, -2.0], [-0.9, -0.1]])  # none passes
     monkeypatch.setattr(engine, "check_scores", lambda images, checks: logp[:len(images)])
-    kept = engine._best(list("abcdef"), [("q1", "a1"), ("q2", "a2")], 3)
-    assert [(ok, im) for ok, _, im in kept] == [(True, "c"), (False, "f")]
-    assert kept[0][1] == pytest.approx(-1.15)
+    ranked = engine._ranked(list("abcdef"), [("q1", "a1"), ("q2", "a2")])
+    assert [ok for ok, _, _ in ranked] == [False, True, True, False, False, False]
+    assert ranked[2][1] == pytest.approx(-1.15)
+    assert [im for _, _, im in _best(ranked, 2)] == ["c", "b"]
+    assert [im for _, _, im in _best(ranked, 4)] == ["c", "b", "a", "f"]  # then the failing ones by their sums
 
 
 def test_redraws_keep_the_best_of_every_round(tiny_pipe, monkeypatch):
-    """``redraws=R``: an image whose kept candidate fails is drawn K more times per round, each round
-    seeded ``_round_seed(seed, round)``; the image kept is the best of all its candidates. An image that
-    passes is not drawn again."""
+    """``redraws=R``, one image: while the kept candidate fails, K more are drawn per round, each round seeded
+    ``_round_seed(seed, round)``; the image kept is the best of all its candidates. An image that passes is
+    not drawn again."""
     from zuoyou import engine as engine_mod
 
     engine = tiny_pipe.engine
@@ -265,6 +269,26 @@ def test_redraws_keep_the_best_of_every_round(tiny_pipe, monkeypatch):
     assert same(tiny_pipe.generate("a red circle", n=1, seed=5, redraws=2, **kw),
                 tiny_pipe.generate("a red circle", n=1, seed=5, redraws=0, **kw))
     assert draws == [[2], [2]]
+
+
+def test_redraws_draw_again_only_for_the_images_that_fail(tiny_pipe, monkeypatch):
+    """n=2, K=2: one of the first round's 4 candidates passes, so one image fails and the second round draws
+    2 candidates (1 * K, seeded ``_round_seed(seed, 1)``); one of them passes, and the two passing ones are kept."""
+    from zuoyou import engine as engine_mod
+
+    engine = tiny_pipe.engine
+    monkeypatch.setattr(engine, "checker", lambda prompt: [("How many objects are there?", "two")])
+    first = tiny_pipe.generate("a red circle", n=4, seed=5, temperature=1.0)
+    second = tiny_pipe.generate("a red circle", n=2, seed=engine_mod._round_seed(5, 1), temperature=1.0)
+    verdicts = iter([[-3.0], [-0.1], [-2.0], [-1.0], [-5.0], [-0.3]])  # candidates in the order they are checked
+    monkeypatch.setattr(engine, "check_scores",
+                        lambda images, checks: torch.tensor([next(verdicts) for _ in images]))
+    draws = []
+    real = engine._draw
+    monkeypatch.setattr(engine, "_draw", lambda reqs, *a: draws.append([r.n for r in reqs]) or real(reqs, *a))
+    kept = tiny_pipe.generate("a red circle", n=2, seed=5, temperature=1.0, best_of=2, redraws=2)
+    assert draws == [[4], [2]]
+    assert same(kept, [first[1], second[1]])
 
 
 def test_best_of_errors(tiny_pipe, monkeypatch):

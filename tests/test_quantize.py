@@ -32,6 +32,7 @@ import zuoyou.api
 from zuoyou.cli import build_parser
 from zuoyou.errors import ConfigError
 from zuoyou.processor import Message
+from zuoyou.models.llama import RMSNorm
 from zuoyou.kernels import int4 as int4_kernel
 from zuoyou.quantize import (Int4Linear, Int8Linear, compare_logits, fit_int4, image_code_logits, quantize_model,
                              text_logits, weight_bytes)
@@ -287,7 +288,7 @@ def models(tiny_dir):
     ref = pipe.engine.model
     with torch.no_grad():
         for m in ref.modules():
-            if type(m).__name__ == "RMSNorm":
+            if isinstance(m, RMSNorm):  # (FusedRMSNorm too: a float model takes the kernels once built)
                 m.weight.fill_(1.0)
     return pipe.engine.processor, ref, {
         "bf16": copy.deepcopy(ref).to(torch.bfloat16),

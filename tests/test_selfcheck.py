@@ -12,8 +12,8 @@ from zuoyou.shapes.checks import FollowUp
 
 
 def test_check_scores_share_the_image_prefix_exactly(tiny_pipe):
-    """``check_scores`` (prefix prefilled once per image, cache expanded to the questions, suffixes
-    right-padded) gives what ``answer_logprobs`` gives with one full row per question."""
+    """``check_scores`` (prefix prefilled once per image, the questions' suffixes packed into one row after it,
+    each seeing the prefix and itself only) gives what ``answer_logprobs`` gives with one full row per question."""
     engine = tiny_pipe.engine
     images = tiny_pipe.generate("a red circle", n=3, seed=2)
     checks = [("How many objects are there?", "two"), ("What color is the circle?", "red"),

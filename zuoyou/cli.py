@@ -131,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--best-of", type=int, default=None, metavar="K",
-                   help="draw K candidates per image, keep the one the model's own answers about it rate best "
+                   help="draw K candidates per image, keep the n the model's own answers about them rate best "
                         "(models with a self-check; default: the model's, 1 = off)")
     g.add_argument("--redraws", type=int, default=None, metavar="R",
-                   help="up to R more rounds of K candidates for an image whose best one fails the self-check "
+                   help="up to R more rounds of K candidates per kept image that fails the self-check "
                         "(default: the model's, 0 = off)")
     g.add_argument("-o", "--output", required=True, help="a .png/.jpg file when n=1, else a folder (0000.png, ...)")
     g.set_defaults(func=cmd_generate)

@@ -9,8 +9,8 @@ Several requests can share one decode batch (the server merges concurrent calls)
 different lengths are left-padded, padding keys masked, and RoPE positions shifted per row, so a
 request's result does not depend on its neighbours.
 
-``best_of``: a request may draw several candidates per image and keep the one the model's own
-answers about it rate best (``Engine.checker`` gives the questions; ``zuoyou.selfcheck`` the answers'
+``best_of``: a request may draw several candidates per image and keep the ones the model's own
+answers about them rate best (``Engine.checker`` gives the questions; ``zuoyou.selfcheck`` the answers'
 log-probabilities, the image prefilled once per candidate and shared by its questions).
 """
 
@@ -40,7 +40,7 @@ class ImageRequest:
     top_p: float | None = None
     seed: int | None = None
     best_of: int = 1  # draw n * best_of and keep the n that pass the model's own check best (``Engine.checker``)
-    redraws: int = 0  # up to this many more rounds of best_of candidates for each image whose kept one fails the check
+    redraws: int = 0  # up to this many more rounds of best_of candidates per kept image that fails the check
 
 
 @dataclass
@@ -76,6 +76,12 @@ def _round_seed(seed: int | None, rnd: int) -> int | None:
     """The seed of redraw round ``rnd`` of a request seeded ``seed``: reproducible, and far from the
     neighbouring seeds callers give consecutive requests (None stays unseeded)."""
     return None if seed is None else (seed + rnd * 0x9E3779B97F4A7C15) % 2**63
+
+
+def _best(candidates: list, n: int) -> list:
+    """The ``n`` best of (passes, score, image) candidates, best first: passing before failing, then by score
+    (ties keep the earlier candidate)."""
+    return sorted(candidates, key=lambda c: c[:2], reverse=True)[:n]
 
 
 class Engine:
@@ -161,12 +167,14 @@ class Engine:
         decoded so far (rows not yet drawn are grey), for progressive display.
 
         A request with ``best_of=K > 1`` whose prompt the ``checker`` has questions for is drawn ``n * K``
-        times in the same batch; of each image's K candidates the one kept is the one the model's own answers
-        about it rate best (``check_scores``): one that passes (every expected answer more likely than not)
-        before one that does not, then the highest sum of the answers' log-probabilities. ``redraws=R``:
-        each image whose kept candidate fails is drawn K more times, up to R more rounds, and keeps the best
-        of all its candidates (hard prompts cost more; easy ones nothing). Previews show each image's first
-        candidate of the first round.
+        times in the same batch, and the n images kept are the n candidates the model's own answers about them
+        rate best (``check_scores``), best first: those that pass (every expected answer more likely than not)
+        before those that do not, then by the highest sum of the answers' log-probabilities. The candidates
+        are one pool, not n runs of K: a prompt whose candidates pass half the time keeps n passing images far
+        more often than if each image had only its own K (see ``_ranked``). ``redraws=R``: while f of the n kept
+        images fail, f * K more candidates are drawn, up to R more rounds, and the n best of all the request's
+        candidates are kept (hard prompts cost more; easy ones nothing). Previews show candidates 0, K, 2K, ...
+        of the first round.
         """
         for r in requests:
             self._check_image_request(r)
@@ -178,36 +186,34 @@ class Engine:
         checks = [self.checker(r.prompt) if r.best_of > 1 else [] for r in requests]
         K = [r.best_of if c else 1 for r, c in zip(requests, checks)]
         drawn = [replace(r, n=r.n * k) for r, k in zip(requests, K)]
-        first, start = [], 0  # rows of each image's first candidate, for previews
+        first, start = [], 0  # candidates 0, K, 2K, ... of each request, for previews
         for r, k in zip(requests, K):
             first += range(start, start + r.n * k, k)
             start += r.n * k
         shown = (lambda rows, images: preview(rows, [images[i] for i in first])) if preview else None
         out = self._draw(drawn, progress, shown, preview_every)
         # per request, per image: (passes, score, image) of the best candidate so far
-        kept = [self._best(imgs, c, k) if k > 1 else [(True, 0.0, im) for im in imgs]
-                for imgs, c, k in zip(out, checks, K)]
+        # per request: (passes, score, image) of the n best candidates so far, best first
+        kept = [_best(self._ranked(imgs, c), r.n) if k > 1 else [(True, 0.0, im) for im in imgs]
+                for imgs, c, k, r in zip(out, checks, K, requests)]
         for rnd in range(1, max(r.redraws for r in requests) + 1):
-            failed = [[j for j, (ok, _, _) in enumerate(kept[i]) if not ok] if K[i] > 1 and rnd <= r.redraws
-                      else [] for i, r in enumerate(requests)]
+            failed = [sum(not ok for ok, _, _ in kept[i]) if K[i] > 1 and rnd <= r.redraws else 0
+                      for i, r in enumerate(requests)]
             redo = [i for i, f in enumerate(failed) if f]
             if not redo:
                 break
-            more = self._draw([replace(requests[i], n=len(failed[i]) * K[i], seed=_round_seed(requests[i].seed, rnd))
+            more = self._draw([replace(requests[i], n=failed[i] * K[i], seed=_round_seed(requests[i].seed, rnd))
                                for i in redo], progress, None, 0)
             for i, imgs in zip(redo, more):
-                for j, cand in zip(failed[i], self._best(imgs, checks[i], K[i])):
-                    kept[i][j] = max(kept[i][j], cand, key=lambda c: c[:2])
+                kept[i] = _best(kept[i] + self._ranked(imgs, checks[i]), requests[i].n)
         return [[im for _, _, im in k] for k in kept]
 
-    def _best(self, images: list, checks: list, k: int, chunk: int = 16) -> list:
-        """Of each run of ``k`` candidates: (passes, score, image) of the best (see ``generate_images``)."""
+    def _ranked(self, images: list, checks: list, chunk: int = 16) -> list:
+        """(passes, score, image) of each candidate: passes when every expected answer has P >= 1/2; the score
+        is the sum of the answers' log-probabilities (see ``generate_images``)."""
         logp = torch.cat([self._check_logp(images[i:i + chunk], checks) for i in range(0, len(images), chunk)])
-        ok = (logp >= PASS_LOGP).all(-1).view(-1, k)  # (n, k)
-        score = logp.sum(-1).view(-1, k)  # (n, k)
-        # the best score among passing candidates where any passes, else the best score
-        j = torch.where(ok.any(-1, keepdim=True), score.masked_fill(~ok, float("-inf")), score).argmax(-1)
-        return [(bool(ok[i, c]), float(score[i, c]), images[i * k + c]) for i, c in enumerate(j.tolist())]
+        ok, score = (logp >= PASS_LOGP).all(-1), logp.sum(-1)  # (N,) each
+        return [(bool(o), float(s), im) for o, s, im in zip(ok.tolist(), score.tolist(), images)]
 
     def _check_logp(self, images: list, checks: list) -> torch.Tensor:
         return selfcheck.check_logp(self, images, checks)

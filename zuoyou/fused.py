@@ -13,7 +13,8 @@ same input: stacked into one ``Int4Linear`` (``StackedAttention``, ``StackedMLP`
 and one int8 rounding of the input instead of three or two (Janus-Pro-1B: 168 -> 96 int4 calls per decode
 step; the same outputs, bit for bit).
 ``zuoyou.load`` applies ``fuse`` on CPU in the quantised
-modes (whose kernels are built anyway), where zuoyou's kernels are available. Only inference takes the
+modes (whose kernels are built anyway), where zuoyou's kernels are available, and to float models where they
+are built already. Only inference takes the
 kernels (no autograd through them): training, ``torch.compile`` (which fuses these ops itself) and
 other devices run the model's own code.
 """

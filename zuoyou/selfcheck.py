@@ -1,8 +1,9 @@
-"""The self-check's scoring: how likely the model finds the answers a correct drawing gives (``Engine._best``
+"""The self-check's scoring: how likely the model finds the answers a correct drawing gives (``Engine._ranked``
 ranks ``best_of`` candidates by it; the questions come from ``Engine.checker``, e.g. ``zuoyou.shapes.checks``).
 
 ``check_scores`` prefills each image with the part its questions share (the image and the template before the
-question) once and expands the cache to the questions. ``check_logp`` also resolves ``FollowUp`` checks, whose
+question) once, then runs all its questions' remaining tokens in one row after it, each question seeing the
+prefix and itself only. ``check_logp`` also resolves ``FollowUp`` checks, whose
 question depends on the drawing: the model's pick among an ``ask`` question's options is read in the same pass
 that scores the fixed checks, and the question it leads to is asked in a second pass over the same prefix.
 """
@@ -59,9 +60,9 @@ def check_logp(engine, images: list, checks: list) -> torch.Tensor:
 @torch.inference_mode()
 def check_scores(engine, images: list, checks: list) -> torch.Tensor:
     """(N, Q) log P(answer_q | image_n, question_q), as ``answer_logprobs`` gives them, with the part
-    the questions share (the image and the template before the question) run once per image: the
-    cache is prefilled with it and expanded to the Q questions (about 4x less work for the bundled
-    model than a row per question). ``checks``: Q ``(question, answer)`` pairs for every image, or a list
+    the questions share (the image and the template before the question) run once per image, and its Q
+    questions' remaining tokens packed into one row after it (about 4x less work for the bundled model than a
+    row per question). ``checks``: Q ``(question, answer)`` pairs for every image, or a list
     of Q pairs per image."""
     with prefilled(engine, images, checks) as score:
         return score()[0]
@@ -99,8 +100,13 @@ def prefilled(engine, images: list, checks: list):
     ptoks = torch.tensor([prefix] * N, device=engine.device)  # (N, P)
     x = engine.model.prepare_inputs_embeds(ptoks, pixels, ptoks == proc.image_id).to(engine.dtype)
     lm = engine.model.language_model
-    # slots for the first questions and for later ones up to FOLLOW_UP_SLOTS longer (else prefilled anew)
-    length = min(engine.context, max(len(r) for r in rows0) + FOLLOW_UP_SLOTS)
+    if max(len(r) for r in rows0) > engine.context:
+        raise InputError(f"a check of {max(len(r) for r in rows0)} tokens exceeds the model context of {engine.context}")
+    # slots for each image's packed questions (RoPE positions restart at P for each question, so only the
+    # longest question counts against the context) and for later ones up to FOLLOW_UP_SLOTS longer (else
+    # prefilled anew)
+    Q0 = len(first[0])
+    length = P + max(sum(len(r) - P for r in rows0[i * Q0:(i + 1) * Q0]) for i in range(N)) + FOLLOW_UP_SLOTS
     lm.setup_cache(N, length, dtype=engine.dtype, device=engine.device, cache=engine._cache)
     owner = list(range(N))  # per image a cache row whose slots [0, P) hold its prefix (None: no longer held)
 
@@ -109,37 +115,47 @@ def prefilled(engine, images: list, checks: list):
         which = list(range(N)) if which is None else which
         qa = first if more is None else per_image(more, len(which))
         r_ids, r_ans = tokens(qa)
-        Q, Ls = len(qa[0]), max(len(r) for r in r_ids) - P
-        if (any(r[:P] != prefix or len(r) - a - 1 < P for r, a in zip(r_ids, r_ans)) or P + Ls > length
+        Q, B = len(qa[0]), len(which)
+        # each image's Q question suffixes packed into one row after its prefix, each seeing the prefix and its
+        # own earlier tokens only (no copy of the prefix's cache per question, no padding between questions)
+        lens = [len(r) - P for r in r_ids]  # per (image, question), row n * Q + q
+        T = max(sum(lens[i * Q:(i + 1) * Q]) for i in range(B))
+        if (any(r[:P] != prefix or len(r) - a - 1 < P for r, a in zip(r_ids, r_ans)) or P + T > length
                 or any(owner[n] is None for n in which)):  # not this prefix, or too long: prefilled anew
             owner = [None] * N  # (that replaces this cache)
             with prefilled(engine, [images[n] for n in which], qa) as again:
                 return again()
-        engine._expand_cache(torch.tensor([owner[n] for n in which], device=engine.device).repeat_interleave(Q))
-        owner = [None] * N  # the cache now holds Q rows per image of ``which``, in that order
+        engine._expand_cache(torch.tensor([owner[n] for n in which], device=engine.device))
+        owner = [None] * N  # the cache now holds the images of ``which``, in that order
         for i, n in enumerate(which):
-            owner[n] = i * Q
-        suffix = torch.full((len(r_ids), Ls), proc.pad, dtype=torch.long)  # right-padded: causal attention hides it
-        tgt = torch.zeros(len(r_ids), Ls, dtype=torch.long)
-        at = torch.zeros(len(r_ids), Ls, dtype=torch.bool)
+            owner[n] = i
+        suffix = torch.full((B, T), proc.pad, dtype=torch.long)  # right-padded: no real token sees the padding
+        seg = torch.full((B, T), -1, dtype=torch.long)  # which question each slot holds
+        pos = torch.full((B, T), P, dtype=torch.long)  # RoPE positions: each question starts at P
+        rows, cols, tgt, first_at = [], [], [], []  # where each answer token is predicted, and the token
         for j, (r, A) in enumerate(zip(r_ids, r_ans)):
-            end = len(r) - P  # the answer is suffix[j, end - A:end], predicted from one position earlier
-            suffix[j, :end] = torch.tensor(r[P:])
-            tgt[j, end - A - 1:end - 1] = torch.tensor(r[-A:])
-            at[j, end - A - 1:end - 1] = True
-        pos = torch.arange(P, P + Ls, device=engine.device)
-        mask = torch.ones(Ls, P + Ls, dtype=torch.bool, device=engine.device)
-        mask[:, P:] = torch.ones(Ls, Ls, dtype=torch.bool, device=engine.device).tril()
-        h = engine.model.hidden(engine.model.embed_text(suffix.to(engine.device)).to(engine.dtype), pos,
-                                mask[None, None].expand(len(r_ids), 1, Ls, P + Ls))  # (n*Q, Ls, D)
+            i, q = divmod(j, Q)
+            off = sum(lens[i * Q:j])
+            L = lens[j]  # the answer is the suffix's last A tokens, each predicted from one position earlier
+            suffix[i, off:off + L], seg[i, off:off + L] = torch.tensor(r[P:]), q
+            pos[i, off:off + L] = torch.arange(P, P + L)
+            first_at.append(len(rows))
+            rows += [i] * A
+            cols += range(off + L - A - 1, off + L - 1)
+            tgt += r[-A:]
+        t = torch.arange(T)
+        mask = torch.ones(B, 1, T, P + T, dtype=torch.bool)
+        mask[:, 0, :, P:] = (seg[:, :, None] == seg[:, None, :]) & (t[None, :, None] >= t[None, None, :])
+        dev = engine.device
+        h = engine.model.hidden(engine.model.embed_text(suffix.to(dev)).to(engine.dtype),
+                                torch.arange(P, P + T, device=dev), mask.to(dev), pos.to(dev))  # (B, T, D)
         # logits only where an answer token is predicted (a large vocabulary makes every position costly)
-        sel = at.nonzero()  # (K, 2): row, position, row by row
-        lp = engine.model.text_logits(h[sel[:, 0].to(engine.device), sel[:, 1].to(engine.device)])
-        lp = lp.float().log_softmax(-1).cpu()  # (K, V)
-        got = lp.gather(-1, tgt[at][:, None])[:, 0]  # (K,)
-        total = torch.zeros(len(r_ids)).index_add_(0, sel[:, 0], got)  # (n*Q,)
-        starts = at.sum(-1).cumsum(0) - at.sum(-1)  # each row's first entry in sel
-        return total.view(-1, Q), lp[starts].view(-1, Q, lp.shape[-1])
+        rows, cols = torch.tensor(rows), torch.tensor(cols)
+        lp = engine.model.text_logits(h[rows.to(dev), cols.to(dev)]).float().log_softmax(-1).cpu()  # (K, V)
+        got = lp.gather(-1, torch.tensor(tgt)[:, None])[:, 0]  # (K,)
+        which_check = torch.repeat_interleave(torch.arange(len(r_ids)), torch.tensor(r_ans))  # (K,)
+        total = torch.zeros(len(r_ids)).index_add_(0, which_check, got)  # (B*Q,)
+        return total.view(-1, Q), lp[first_at].view(-1, Q, lp.shape[-1])
 
     try:
         causal = torch.ones(P, P, dtype=torch.bool, device=engine.device).tril()

@@ -62,7 +62,7 @@ def _module():
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
     if not any(out.glob("*.so")):
-        print("zuoyou: compiling the int4/int8 kernels (first use only, about a minute) ...", file=sys.stderr, flush=True)
+        print("zuoyou: compiling the int4/int8 kernels (first use only, one to two minutes) ...", file=sys.stderr, flush=True)
     # -fopenmp: at::parallel_for is a header template; without OpenMP it runs on one thread
     flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
     return cpp_extension.load("zuoyou_int4_vnni", src, extra_cflags=flags, extra_ldflags=["-fopenmp"],
@@ -80,6 +80,14 @@ def available() -> bool:
         warnings.warn(f"zuoyou: the int4/int8 VNNI kernels could not be built ({type(e).__name__}: {str(e)[:200]}); "
                       "int4 and int8 use ATen's slower kernels", RuntimeWarning, stacklevel=2)
         return False
+
+
+def built() -> bool:
+    """Would ``available()`` be True here without compiling anything (built before: by a quantised load, the
+    tests, or a first ``available()``)? Float models take the kernels only then (``zuoyou.load``): a minute or
+    two of compiling would cost more than it saves on one call to a small model."""
+    return (os.environ.get("ZUOYOU_INT4_KERNEL", "1") != "0" and _cpu_has_vnni() and any(build_dir().glob("*.so"))
+            and available())
 
 
 def amx_available() -> bool:

@@ -3,7 +3,7 @@
 ``self_checks(prompt)`` turns a prompt into ``(question, answer)`` pairs of the world's question
 grammar that every correct drawing of it answers so: how many objects, how many of each named shape,
 the shape of a named colour, the colour of a named shape, and whether the named relation holds.
-``Engine.generate_images`` with ``best_of=K`` draws K candidates per image and keeps the one whose answers
+``Engine.generate_images`` with ``best_of=K`` draws K candidates per image and keeps those whose answers
 the model itself finds most likely (the sum of their log-probabilities): the understanding half checks the
 generating half.
 

@@ -1,6 +1,6 @@
 """Understanding examples beyond the world's rendered scenes, for the reader behind the self-check.
 
-``Engine.generate_images(best_of=K)`` keeps the candidate whose answers to the prompt's questions (how many
+``Engine.generate_images(best_of=K)`` keeps the candidates whose answers to the prompt's questions (how many
 objects, how many of each shape, colour of a shape, shape of a colour) the model finds most likely. The model
 learns to answer on rendered scenes of 1 to 4 objects and their VQ reconstructions, and on those it answers
 right (held out: counts 0.99-1.00). Its own drawings are different: asked for "four circles", v17 (bundled

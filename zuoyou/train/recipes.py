@@ -50,7 +50,8 @@ measured, relations still at chance after its 1214 steps (0.49), not bundled (tr
 training-only place heads (``relations.PlaceHeads``): held-out VQA 0.962 (relation 0.936), but with the self-check
 0.901 (counting 0.635); ``v27`` v26 with one more such stage that also reads crowded scenes and its own drawings:
 held out with the self-check 0.948 (every category >= 0.80, counting 0.823), drawn once 0.719, VQA 0.967 (relation
-0.962); 0.955 once its self-check asks relations, 0.913 without redraws (training log, "Twenty-first session" and "Twenty-second session").
+0.962); 0.955 once its self-check asks relations, 0.913 without redraws; 0.964 and 0.934 with a request's candidates
+one pool (training log, "Twenty-first session" to "Twenty-third session").
 """
 
 from __future__ import annotations
