@@ -110,3 +110,12 @@ def test_bundled_model_checks_position_prompts_on_rendered_scenes():
         mirror = self_checks(p.text.replace(f"a {sa} {rel} a {sb}", f"a {sb} {rel} a {sa}"))
         mirrored += bool(selfcheck.check_logp(engine, [image], mirror)[0, -1] < PASS_LOGP)
     assert colours == len(prompts) and passes >= 28 and mirrored >= 30, (colours, passes, mirrored)
+
+
+def test_a_check_longer_than_the_context_is_an_input_error(tiny_pipe):
+    """A question that cannot fit the model's context is named as such (it had failed inside torch: index_copy_ out of
+    bounds, on the bundled model)."""
+    engine = tiny_pipe.engine
+    images = tiny_pipe.generate("a red circle", n=1, seed=1)
+    with pytest.raises(InputError, match="exceeds the model context"):
+        engine.check_scores(images, [(" ".join(["red"] * engine.context), "two")])

@@ -171,7 +171,7 @@ class Engine:
         rate best (``check_scores``), best first: those that pass (every expected answer more likely than not)
         before those that do not, then by the highest sum of the answers' log-probabilities. The candidates
         are one pool, not n runs of K: a prompt whose candidates pass half the time keeps n passing images far
-        more often than if each image had only its own K (see ``_ranked``). ``redraws=R``: while f of the n kept
+        more often than if each image had only its own K. ``redraws=R``: while f of the n kept
         images fail, f * K more candidates are drawn, up to R more rounds, and the n best of all the request's
         candidates are kept (hard prompts cost more; easy ones nothing). Previews show candidates 0, K, 2K, ...
         of the first round.
@@ -192,7 +192,6 @@ class Engine:
             start += r.n * k
         shown = (lambda rows, images: preview(rows, [images[i] for i in first])) if preview else None
         out = self._draw(drawn, progress, shown, preview_every)
-        # per request, per image: (passes, score, image) of the best candidate so far
         # per request: (passes, score, image) of the n best candidates so far, best first
         kept = [_best(self._ranked(imgs, c), r.n) if k > 1 else [(True, 0.0, im) for im in imgs]
                 for imgs, c, k, r in zip(out, checks, K, requests)]

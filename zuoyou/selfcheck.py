@@ -96,12 +96,12 @@ def prefilled(engine, images: list, checks: list):
     while any(r[:P] != rows0[0][:P] for r in rows0):
         P -= 1
     prefix, N = rows0[0][:P], len(images)
+    if max(len(r) for r in rows0) > engine.context:
+        raise InputError(f"a check of {max(len(r) for r in rows0)} tokens exceeds the model context of {engine.context}")
     pixels = torch.stack([proc.image_processor(img) for img in images]).to(engine.device, engine.dtype)
     ptoks = torch.tensor([prefix] * N, device=engine.device)  # (N, P)
     x = engine.model.prepare_inputs_embeds(ptoks, pixels, ptoks == proc.image_id).to(engine.dtype)
     lm = engine.model.language_model
-    if max(len(r) for r in rows0) > engine.context:
-        raise InputError(f"a check of {max(len(r) for r in rows0)} tokens exceeds the model context of {engine.context}")
     # slots for each image's packed questions (RoPE positions restart at P for each question, so only the
     # longest question counts against the context) and for later ones up to FOLLOW_UP_SLOTS longer (else
     # prefilled anew)
