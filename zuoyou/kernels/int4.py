@@ -6,7 +6,8 @@ AVX-512 VNNI for 1-4 rows; from 5 rows on, AMX-INT8 tiles where the CPU has them
 them (``amx_available()``; ``ZUOYOU_AMX=0`` keeps VNNI), with bit-identical results.
 
 Built on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler and ``ninja`` are needed;
-the build is cached under ``~/.cache/zuoyou/kernels``, or ``$ZUOYOU_CACHE/kernels``). Where it cannot be used (no AVX-512 VNNI,
+the build is cached under ``~/.cache/zuoyou/kernels``, or ``$ZUOYOU_CACHE/kernels``, in a folder named by the
+sources, flags, torch and Python; a build found there is imported directly). Where it cannot be used (no AVX-512 VNNI,
 no compiler, ``ZUOYOU_INT4_KERNEL=0``) ``available()`` is False and ``zuoyou.quantize.Int4Linear`` /
 ``Int8Linear`` keep ATen's int4 / int8 kernels. ``available()`` never raises: a failed build is
 reported once as a warning.
@@ -43,11 +44,16 @@ def _cpu_has_vnni() -> bool:
         return "avx512_vnni" in flags and "avx512bw" in flags
 
 
+NAME = "zuoyou_int4_vnni"  # the extension module
+# -fopenmp: at::parallel_for is a header template; without OpenMP it runs on one thread
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
+
+
 def build_dir() -> Path:
-    """Where the build lives: per torch version and per version of these sources (a header changed alone
-    would not make torch's extension loader rebuild)."""
+    """Where the build lives: per torch and Python version and per version of these sources and flags (a header
+    changed alone would not make torch's extension loader rebuild)."""
     root = os.environ.get("ZUOYOU_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zuoyou"
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(" ".join(FLAGS + [sys.version.split()[0]]).encode())
     for f in sorted(f for f in Path(__file__).parent.iterdir() if f.suffix in (".cpp", ".h")):
         digest.update(f.name.encode() + f.read_bytes())
     return Path(root) / "kernels" / f"torch-{torch.__version__}-{digest.hexdigest()[:12]}"
@@ -55,18 +61,28 @@ def build_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _module():
+    out = build_dir()
+    if (out / f"{NAME}.so").is_file():
+        # built before from these very sources, flags, torch and Python (the folder's name says so): imported as
+        # torch's loader imports it, without its ninja check, which rebuilds (one to two minutes) whenever these
+        # sources sit in another folder than at the last build, e.g. another checkout sharing the cache
+        try:
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location(NAME, out / f"{NAME}.so")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except Exception as e:  # (a damaged build: built again below)
+            warnings.warn(f"zuoyou: {out / NAME}.so could not be loaded ({e}); building it again", RuntimeWarning)
     from torch.utils import cpp_extension
 
     here = Path(__file__).parent
     src = [str(here / name) for name in ("int4_vnni.cpp", "kv_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
-    out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    if not any(out.glob("*.so")):
-        print("zuoyou: compiling the int4/int8 kernels (first use only, one to two minutes) ...", file=sys.stderr, flush=True)
-    # -fopenmp: at::parallel_for is a header template; without OpenMP it runs on one thread
-    flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
-    return cpp_extension.load("zuoyou_int4_vnni", src, extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                              build_directory=str(out), verbose=False)
+    print("zuoyou: compiling the int4/int8 kernels (first use only, one to two minutes) ...", file=sys.stderr, flush=True)
+    return cpp_extension.load(NAME, src, extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(out),
+                              verbose=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,8 +102,8 @@ def built() -> bool:
     """Would ``available()`` be True here without compiling anything (built before: by a quantised load, the
     tests, or a first ``available()``)? Float models take the kernels only then (``zuoyou.load``): a minute or
     two of compiling would cost more than it saves on one call to a small model."""
-    return (os.environ.get("ZUOYOU_INT4_KERNEL", "1") != "0" and _cpu_has_vnni() and any(build_dir().glob("*.so"))
-            and available())
+    return (os.environ.get("ZUOYOU_INT4_KERNEL", "1") != "0" and _cpu_has_vnni()
+            and (build_dir() / f"{NAME}.so").is_file() and available())
 
 
 def amx_available() -> bool:
