@@ -27,3 +27,16 @@ def test_the_build_folder_names_what_the_build_depends_on(monkeypatch):
     first = int4.build_dir()
     monkeypatch.setattr(int4, "FLAGS", int4.FLAGS + ["-mavx512bf16"])
     assert int4.build_dir() != first and int4.build_dir().parent == first.parent
+
+
+def test_a_damaged_build_is_not_taken_by_a_float_model(monkeypatch, tmp_path):
+    """``built()`` (what a float model asks) is False for a build that cannot be loaded, and never builds."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("ZUOYOU_CACHE", str(tmp_path))
+    so = int4.build_dir() / f"{int4.NAME}.so"
+    so.parent.mkdir(parents=True)
+    so.write_bytes(b"not a shared library")
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("torch's loader was called"))
+    with pytest.warns(RuntimeWarning, match="could not be loaded"):
+        assert not int4.built()

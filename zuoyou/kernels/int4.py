@@ -59,24 +59,33 @@ def build_dir() -> Path:
     return Path(root) / "kernels" / f"torch-{torch.__version__}-{digest.hexdigest()[:12]}"
 
 
+def _load_built():
+    """The extension built before from these very sources, flags, torch and Python (the folder's name says so), or
+    None. Imported as torch's loader imports it, without its ninja check, which rebuilds (one to two minutes)
+    whenever these sources sit in another folder than at the last build, e.g. another checkout sharing the cache."""
+    so = build_dir() / f"{NAME}.so"
+    if not so.is_file():
+        return None
+    try:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(NAME, so)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception as e:  # (a damaged build: ``_module`` builds it again)
+        warnings.warn(f"zuoyou: {so} could not be loaded ({e})", RuntimeWarning, stacklevel=2)
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def _module():
-    out = build_dir()
-    if (out / f"{NAME}.so").is_file():
-        # built before from these very sources, flags, torch and Python (the folder's name says so): imported as
-        # torch's loader imports it, without its ninja check, which rebuilds (one to two minutes) whenever these
-        # sources sit in another folder than at the last build, e.g. another checkout sharing the cache
-        try:
-            import importlib.util
-
-            spec = importlib.util.spec_from_file_location(NAME, out / f"{NAME}.so")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        except Exception as e:  # (a damaged build: built again below)
-            warnings.warn(f"zuoyou: {out / NAME}.so could not be loaded ({e}); building it again", RuntimeWarning)
+    module = _load_built()
+    if module is not None:
+        return module
     from torch.utils import cpp_extension
 
+    out = build_dir()
     here = Path(__file__).parent
     src = [str(here / name) for name in ("int4_vnni.cpp", "kv_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
     out.mkdir(parents=True, exist_ok=True)
@@ -102,8 +111,8 @@ def built() -> bool:
     """Would ``available()`` be True here without compiling anything (built before: by a quantised load, the
     tests, or a first ``available()``)? Float models take the kernels only then (``zuoyou.load``): a minute or
     two of compiling would cost more than it saves on one call to a small model."""
-    return (os.environ.get("ZUOYOU_INT4_KERNEL", "1") != "0" and _cpu_has_vnni()
-            and (build_dir() / f"{NAME}.so").is_file() and available())
+    return (os.environ.get("ZUOYOU_INT4_KERNEL", "1") != "0" and _cpu_has_vnni() and _load_built() is not None
+            and available())
 
 
 def amx_available() -> bool:
