@@ -81,6 +81,10 @@ def prefilled(engine, images: list, checks: list):
         raise InputError("check_scores: one list of the same number of checks per image")
     known: dict[tuple[str, str], tuple[list[int], int]] = {}
 
+    def packed(rows: list[list[int]], Q: int) -> list[int]:
+        """Per image, the slots its Q questions' suffixes (rows n * Q + q, after the prefix of P) take packed."""
+        return [sum(len(r) - P for r in rows[i:i + Q]) for i in range(0, len(rows), Q)]
+
     def tokens(qa: list[list]) -> tuple[list[list[int]], list[int]]:
         """Rows (prompt + answer ids) and answer lengths of per-image checks, row n * Q + q; each distinct pair
         tokenised once (checks shared by every image repeat per image)."""
@@ -105,8 +109,7 @@ def prefilled(engine, images: list, checks: list):
     # slots for each image's packed questions (RoPE positions restart at P for each question, so only the
     # longest question counts against the context) and for later ones up to FOLLOW_UP_SLOTS longer (else
     # prefilled anew)
-    Q0 = len(first[0])
-    length = P + max(sum(len(r) - P for r in rows0[i * Q0:(i + 1) * Q0]) for i in range(N)) + FOLLOW_UP_SLOTS
+    length = P + max(packed(rows0, len(first[0]))) + FOLLOW_UP_SLOTS
     lm.setup_cache(N, length, dtype=engine.dtype, device=engine.device, cache=engine._cache)
     owner = list(range(N))  # per image a cache row whose slots [0, P) hold its prefix (None: no longer held)
 
@@ -119,7 +122,7 @@ def prefilled(engine, images: list, checks: list):
         # each image's Q question suffixes packed into one row after its prefix, each seeing the prefix and its
         # own earlier tokens only (no copy of the prefix's cache per question, no padding between questions)
         lens = [len(r) - P for r in r_ids]  # per (image, question), row n * Q + q
-        T = max(sum(lens[i * Q:(i + 1) * Q]) for i in range(B))
+        T = max(packed(r_ids, Q))
         if (any(r[:P] != prefix or len(r) - a - 1 < P for r, a in zip(r_ids, r_ans)) or P + T > length
                 or any(owner[n] is None for n in which)):  # not this prefix, or too long: prefilled anew
             owner = [None] * N  # (that replaces this cache)

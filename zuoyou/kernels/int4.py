@@ -94,9 +94,14 @@ def _module():
                               verbose=False)
 
 
+def _allowed() -> bool:
+    """May the kernels run here at all (a CPU with AVX-512 VNNI, not turned off by ``ZUOYOU_INT4_KERNEL=0``)?"""
+    return os.environ.get("ZUOYOU_INT4_KERNEL", "1") != "0" and _cpu_has_vnni()
+
+
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    if os.environ.get("ZUOYOU_INT4_KERNEL", "1") == "0" or not _cpu_has_vnni():
+    if not _allowed():
         return False
     try:
         _module()
@@ -111,8 +116,7 @@ def built() -> bool:
     """Would ``available()`` be True here without compiling anything (built before: by a quantised load, the
     tests, or a first ``available()``)? Float models take the kernels only then (``zuoyou.load``): a minute or
     two of compiling would cost more than it saves on one call to a small model."""
-    return (os.environ.get("ZUOYOU_INT4_KERNEL", "1") != "0" and _cpu_has_vnni() and _load_built() is not None
-            and available())
+    return _allowed() and _load_built() is not None and available()
 
 
 def amx_available() -> bool:
