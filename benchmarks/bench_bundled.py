@@ -1,7 +1,7 @@
 """Latency of the bundled ShapesWorld model: 4 images + 1 answer (issue target: < 1 s on 2 CPU cores).
 
     python benchmarks/bench_bundled.py [--model M] [--repeats 5] [--threads N] [--best-of 1,4] [--redraws 0,2]
-                                       [--prompt TEXT]
+                                       [--prompt TEXT] [--dtype fp32|bf16]
 
 Prints the median and the slowest wall time of each part over the repeats (after one warm-up run), for
 each ``best_of`` (candidates per image, ranked by the model's own check) and ``redraws`` (more rounds of
@@ -29,14 +29,16 @@ def main() -> None:
     ap.add_argument("--best-of", default=None, help="comma-separated values (default: the model's)")
     ap.add_argument("--redraws", default=None, help="comma-separated values (default: the model's)")
     ap.add_argument("--prompt", default="a photo of a red circle left of a blue square")
+    ap.add_argument("--dtype", default=None, help="fp32 or bf16 (default: the model's choice for this CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    pipe = zuoyou.load(args.model, device="cpu")
+    pipe = zuoyou.load(args.model, device="cpu", dtype=args.dtype)
     load_s = time.perf_counter() - t
     prompt, question = args.prompt, "How many objects are there?"
-    print(f"model: {pipe.folder}  threads: {torch.get_num_threads()}  load: {load_s:.2f} s  prompt: {prompt!r}")
+    print(f"model: {pipe.folder}  {pipe.engine.dtype}  threads: {torch.get_num_threads()}  load: {load_s:.2f} s  "
+          f"prompt: {prompt!r}")
     values = lambda arg, default: [int(k) for k in arg.split(",")] if arg else [default]  # noqa: E731
     for best_of in values(args.best_of, pipe.defaults.best_of):
         for redraws in values(args.redraws, pipe.defaults.redraws):

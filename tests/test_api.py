@@ -182,7 +182,8 @@ def test_load_puts_the_vq_in_channels_last_with_the_same_images(tiny_pipe):
 def test_a_float_model_takes_the_kernels_once_built_and_draws_the_same(monkeypatch):
     """On CPU, ``zuoyou.load`` runs a float model's RMSNorm, RoPE and one-token attention on zuoyou's kernels
     where they are built already, never building them for it; the bundled model then draws the same images and
-    its self-check scores agree."""
+    its self-check scores agree. In fp32, where the kernels keep PyTorch's sums exactly enough for the same images
+    (in bf16 they sum in another order and round once: near-ties flip)."""
     import torch
 
     from zuoyou import api
@@ -192,9 +193,9 @@ def test_a_float_model_takes_the_kernels_once_built_and_draws_the_same(monkeypat
 
     if not int4.available():  # (builds them where they can be built)
         pytest.skip("zuoyou's kernels cannot be built here")
-    fast = zuoyou.load(None, device="cpu")
+    fast = zuoyou.load(None, device="cpu", dtype="fp32")
     monkeypatch.setattr(api, "kernels_built", lambda: False)
-    plain = zuoyou.load(None, device="cpu")
+    plain = zuoyou.load(None, device="cpu", dtype="fp32")
     for pipe, on in ((fast, True), (plain, False)):
         assert (pipe.engine._cache is KernelKVCache) == on
         assert any(isinstance(m, FusedRMSNorm) for m in pipe.engine.model.modules()) == on
@@ -204,3 +205,29 @@ def test_a_float_model_takes_the_kernels_once_built_and_draws_the_same(monkeypat
     checks = fast.engine.checker(prompt)
     torch.testing.assert_close(fast.engine.check_scores(a, checks), plain.engine.check_scores(a, checks),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_the_bundled_model_computes_in_bf16_on_cpu_only_where_bf16_is_the_faster(monkeypatch, tmp_path):
+    """Its ``generation_defaults.json`` says ``"cpu_dtype": "bf16"``: taken on CPU when the caller names no dtype
+    and this CPU's bf16 matrix products beat fp32; a dtype the caller names, or a quantised mode, wins."""
+    import shutil
+
+    import torch
+
+    from zuoyou import quantize
+    from zuoyou.errors import ConfigError
+
+    for faster, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(quantize, "cpu_bf16_gemm_faster", lambda f=faster: f)
+        pipe = zuoyou.load(None, device="cpu")
+        assert pipe.defaults.cpu_dtype == "bf16"
+        assert pipe.engine.dtype == want and pipe.engine.model.gen_head.output_mlp_projector.weight.dtype == want
+    monkeypatch.setattr(quantize, "cpu_bf16_gemm_faster", lambda: True)
+    assert zuoyou.load(None, device="cpu", dtype="fp32").engine.dtype == torch.float32
+    assert zuoyou.load(None, device="cpu", quantize="int8").engine.dtype == torch.float32  # the checkpoint's
+    folder = tmp_path / "m"
+    shutil.copytree(zuoyou.api.BUNDLED, folder)
+    path = folder / "generation_defaults.json"
+    path.write_text(path.read_text().replace('"cpu_dtype": "bf16"', '"cpu_dtype": "bf17"'))
+    with pytest.raises(ConfigError, match="generation_defaults.json: cpu_dtype"):
+        zuoyou.load(folder, device="cpu")

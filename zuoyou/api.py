@@ -5,7 +5,9 @@ those values are used whenever the caller passes none. Absent keys fall back to 
 Janus-Pro defaults (CFG 5, temperature 1 for images; greedy text, the default system prompt).
 ``"self_check": "shapes", "best_of": 4`` draws 4 candidates per image and keeps the n best by the model's own
 answers about them (``zuoyou.shapes.checks``; ``best_of`` per call overrides); ``"redraws": 2`` draws up
-to two more rounds of candidates while some kept image still fails that check.
+to two more rounds of candidates while some kept image still fails that check. ``"cpu_dtype": "bf16"``: on CPU,
+when the caller names no dtype, compute in bf16 where this CPU's native bf16 matrix products beat fp32
+(``zuoyou.quantize.cpu_bf16_gemm_faster``), else in the checkpoint's dtype.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class GenerationDefaults:
     best_of: int = 1  # candidates drawn per image, the n best of all n * best_of kept by the model's own check
     redraws: int = 0  # more rounds of best_of candidates per kept image that still fails the check
     self_check: str | None = None  # which check (a key of ``SELF_CHECKS``); None = none
+    cpu_dtype: str | None = None  # compute dtype on CPU when the caller names none, where it is the faster one
 
     @classmethod
     def from_folder(cls, folder: Path) -> "GenerationDefaults":
@@ -140,6 +143,23 @@ def to_messages(messages) -> list[Message]:
     return out
 
 
+def _dtype(dtype, dev: torch.device, quantize: str | None, defaults: GenerationDefaults, folder: Path):
+    """The compute dtype: the caller's; else, on CPU in a float mode, the folder's ``cpu_dtype`` where it is the
+    faster one here (bf16 only with native bf16 matrix products that beat fp32: emulated bf16 is ~4x slower);
+    else None (the checkpoint's)."""
+    if dtype is not None or dev.type != "cpu" or quantize is not None or defaults.cpu_dtype is None:
+        return resolve_dtype(dtype)
+    try:
+        preferred = resolve_dtype(defaults.cpu_dtype)
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'generation_defaults.json'}: cpu_dtype: {e}") from None
+    from .quantize import cpu_bf16_gemm_faster
+
+    if preferred == torch.float16 or (preferred == torch.bfloat16 and not cpu_bf16_gemm_faster()):
+        return None  # (fp16 matrix products are not native on CPUs)
+    return preferred
+
+
 def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=None, quantize: str | None = None,
          compile: bool | str = False, kv_cache: str = "model") -> Pipeline:
     """Load a checkpoint folder or hub id (None: the bundled ShapesWorld model) into a ``Pipeline``.
@@ -168,7 +188,8 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
         name_or_path = BUNDLED
     folder = resolve_folder(name_or_path)
     dev = resolve_device(device)
-    model, config = load_model(folder, dev, resolve_dtype(dtype), quantize)
+    defaults = GenerationDefaults.from_folder(folder)
+    model, config = load_model(folder, dev, _dtype(dtype, dev, quantize, defaults, folder), quantize)
     dtype_used = model.language_model.model.embed_tokens.weight.dtype
     if dev.type in ("cpu", "cuda"):
         # the VQ's convolutions in channels-last (NHWC), oneDNN's / cuDNN's own layout: no reorders around
@@ -188,7 +209,6 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
         # the kernels; a float model takes them only where they are built already (it never waits for a C++
         # build). The bundled model, 16 candidates drawn: ~20 % faster, the same images (README "Self-check")
         kernels = fuse(model) > 0
-    defaults = GenerationDefaults.from_folder(folder)
     processor = Processor.from_folder(folder, config.vision.num_patches, config.vision.image_size,
                                       defaults.system_prompt)
     n_tok = processor.tokenizer.get_vocab_size(with_added_tokens=True)

@@ -302,7 +302,7 @@ def dense_dtype(x: torch.Tensor) -> torch.dtype:
     EPYC, 2 cores, 640 x 2048 x 5632: 0.27 s against 1.07 s); with AVX-512 BF16 but no AMX still ~1.5x (Xeon, 2
     cores, 600 x 2048 x 5632: 71 ms against 107); with AMX bf16 wins. Janus-Pro-1B int4, one 384 px image's
     prefill: see benchmarks/README.md."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _cpu_bf16_gemm_faster():
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_bf16_gemm_faster():
         return torch.float32
     return x.dtype
 
@@ -316,7 +316,7 @@ def _cpu_bf16_gemm() -> bool:
 
 
 @functools.cache
-def _cpu_bf16_gemm_faster() -> bool:
+def cpu_bf16_gemm_faster() -> bool:
     """Whether a prefill-sized bf16 GEMM beats fp32 on this CPU: timed once per process (~0.1 s), since the
     CPU's flags do not tell (AMX, which makes bf16 fast, has no query in torch)."""
     if not _cpu_bf16_gemm():

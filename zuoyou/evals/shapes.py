@@ -62,7 +62,8 @@ def geneval(pipe, per_category: int = 24, images: int = 4, seed: int = EVAL_SEED
               "prompts_per_category": per_category, "seed": seed, "seconds": round(time.time() - t0, 1),
               "cfg": cfg if cfg is not None else pipe.defaults.cfg,
               "temperature": temperature if temperature is not None else pipe.defaults.temperature,
-              "best_of": reqs[0].best_of, "redraws": reqs[0].redraws}
+              "best_of": reqs[0].best_of, "redraws": reqs[0].redraws,
+              "dtype": str(getattr(pipe.engine, "dtype", "")).removeprefix("torch.")}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ def _write_reports(stem: Path, report: dict, md: str) -> None:
 def _geneval_md(r: dict) -> str:
     lines = ["# ShapesWorld GenEval-style report", "",
              f"{r['prompts_per_category']} prompts per category x {r['images_per_prompt']} images, seed {r['seed']}, "
-             f"CFG {r['cfg']}, temperature {r['temperature']}"
+             f"CFG {r['cfg']}, temperature {r['temperature']}" + (f", {r['dtype']}" if r.get("dtype") else "")
              + (f", each image the best of {r['best_of']} by the model's own check" if r.get("best_of", 1) > 1 else "")
              + (f" (up to {r['redraws']} more rounds while it fails)" if r.get("best_of", 1) > 1 and r.get("redraws")
                 else ""),

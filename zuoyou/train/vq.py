@@ -233,7 +233,7 @@ def encode_scenes(vq: VQModel, scenes) -> torch.Tensor:
 def encode_images(vq: VQModel, x: torch.Tensor) -> torch.Tensor:
     """(B, 3, 64, 64) images in [-1, 1] -> (B, grid*grid) codes."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        h = vq.quant_conv(vq.encoder(x)).float()
+        h = vq.quant_conv(vq.encoder(x)).to(vq.quantize.embedding.weight.dtype)  # (a bf16 model's codebook)
     return vq.quantize(h)[1]
 
 
