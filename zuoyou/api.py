@@ -164,6 +164,9 @@ def load(name_or_path: str | Path | None = None, device: str = "auto", dtype=Non
          compile: bool | str = False, kv_cache: str = "model") -> Pipeline:
     """Load a checkpoint folder or hub id (None: the bundled ShapesWorld model) into a ``Pipeline``.
 
+    ``dtype`` None: the checkpoint's, except on CPU in a float mode where the folder's ``generation_defaults.json``
+    names a ``"cpu_dtype"`` that is the faster here (the bundled model: bf16 where native bf16 beats fp32).
+
     ``quantize="int8"``: int8 weight-only LM linears, heads and image-code aligner (``zuoyou.quantize``),
     bf16 activations; ``quantize="int4"`` (CPU): group-wise int4 decoder linears, int8 text head and aligner,
     the image head left in float (``zuoyou.quantize.quantized_part``).

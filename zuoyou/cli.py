@@ -22,7 +22,9 @@ def log(msg: str) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled ShapesWorld model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps or npu (default: auto)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's; on CPU the model "
+                   "folder's cpu_dtype where that is the faster here: the bundled model takes bf16 on CPUs with fast "
+                   "native bf16)")
     p.add_argument("--quantize", default=None, choices=["int8", "int4", "none"],
                    help="int8: weight-only int8 LM linears and heads: half the weight memory, faster decoding "
                         "of one image or one answer on CPU; int4 (CPU only): group-wise int4 decoder layers, "
